@@ -1,0 +1,17 @@
+"""minivl: Qwen2-VL, Qwen2.5-VL and Qwen3-VL in plain PyTorch, loading the official safetensors.
+
+    model = minivl.load("Qwen/Qwen2.5-VL-3B-Instruct", dtype=torch.bfloat16, device="cuda")
+    processor = minivl.Processor.from_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")
+    logits = model(**processor(conversation, add_generation_prompt=True))
+"""
+
+from .checkpoint import load
+from .config import Config
+from .model import VLModel
+
+try:  # the processor lands with its own issue; the model works without it
+    from .processor import Processor
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["load", "Config", "VLModel", "Processor"]

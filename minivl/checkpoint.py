@@ -1,0 +1,205 @@
+"""Read and write the official Hugging Face checkpoints: config.json plus one or many safetensors files.
+
+Tensor names in the files (facts §1):
+  Qwen2-VL / Qwen2.5-VL   `model.*` (decoder), `visual.*` (vision tower), `lm_head.*`
+  Qwen3-VL (+ MoE)        `model.language_model.*`, `model.visual.*`, `lm_head.*`
+minivl's module names are the Qwen3 ones for every family, so loading is one prefix map and one
+`load_state_dict(strict=True, assign=True)` into a model built on the meta device: each tensor is read from the
+file straight into its final dtype and device, and a 7B model never exists as a float32 copy. Files written by
+transformers 5 with in-memory names (`model.language_model.*` for Qwen2/2.5) load too. Tied models ship no
+`lm_head.weight`.
+
+Qwen3-VL-MoE experts are stored [E, in, out] in the published files, and transformers 5 writes them transposed
+([E, out, in], its in-memory layout). Which one a file holds is read from the config's `transformers_version`,
+never guessed from shapes (square experts would fool a shape test, transformers #47031).
+
+Every problem is an error that names it: a missing, unexpected or mis-shaped tensor, a missing shard, a
+truncated or corrupt file. Nothing is unpickled.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Config
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*", "vocab*", "merges*"]
+
+
+def resolve(path_or_hub_id):
+    """A local directory for a path or a hub id; hub ids go through huggingface_hub's cache (HF_HUB_OFFLINE
+    makes it use the cache only)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint directory, and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_PATTERNS))
+
+
+def read_config(directory):
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: a checkpoint directory needs its config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return Config.from_dict(raw), raw
+
+
+def file_to_module_name(name, family):
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        if name.startswith("visual."):
+            return "model." + name
+        if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
+            return "model.language_model." + name[len("model."):]
+    return name
+
+
+def module_to_file_name(name, family):
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        if name.startswith("model.visual."):
+            return name[len("model."):]
+        if name.startswith("model.language_model."):
+            return "model." + name[len("model.language_model."):]
+    return name
+
+
+def open_shards(directory):
+    """{tensor name: safetensors file} of a checkpoint directory, checking that every shard exists and parses."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{directory} holds no *.safetensors file (minivl never reads pickled .bin)")
+    missing = [f for f in files if not (directory / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: shard(s) {missing} listed in model.safetensors.index.json are missing")
+    where = {}
+    for f in files:
+        try:
+            with safe_open(directory / f, framework="pt") as handle:
+                for k in handle.keys():
+                    where[k] = directory / f
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{directory / f} is truncated or corrupt: {e}") from None
+    return where
+
+
+def _files_from_transformers5(raw):
+    version = str(raw.get("transformers_version", "0"))
+    return int(version.split(".")[0]) >= 5 if version.split(".")[0].isdigit() else False
+
+
+def load(path_or_hub_id, dtype=None, device=None):
+    """The model of a checkpoint directory or hub id, in eval mode. dtype None keeps the stored dtype."""
+    from .model import VLModel
+
+    directory = resolve(path_or_hub_id)
+    cfg, raw = read_config(directory)
+    with torch.device("meta"):
+        model = VLModel(cfg, init=False)
+    expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    where = open_shards(directory)
+    transposed_experts = _files_from_transformers5(raw)
+    by_module = {file_to_module_name(k, cfg.family): k for k in where}
+    if cfg.tie_word_embeddings:
+        by_module.pop("lm_head.weight", None)  # some tied checkpoints carry a copy; the tie wins
+    missing = sorted(set(expected) - set(by_module))
+    unexpected = sorted(by_module[k] for k in set(by_module) - set(expected))
+    wrong = []
+    state = {}
+    handles = {}
+    for name, file_key in sorted(by_module.items()):
+        if name not in expected:
+            continue
+        f = where[file_key]
+        handle = handles.get(f) or handles.setdefault(f, safe_open(f, framework="pt", device="cpu"))
+        shape = tuple(handle.get_slice(file_key).get_shape())
+        is_expert = re.search(r"\.experts\.(gate_up_proj|down_proj)$", name) is not None
+        if is_expert and transposed_experts:
+            shape = (shape[0], shape[2], shape[1])
+        if shape != tuple(expected[name]):
+            wrong.append(f"{file_key}: file {list(shape)} vs model {list(expected[name])}")
+            continue
+        if missing or unexpected or wrong:
+            continue  # keep collecting problems, load nothing
+        try:
+            tensor = handle.get_tensor(file_key)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: cannot read tensor {file_key}: {e}") from None
+        if is_expert and transposed_experts:
+            tensor = tensor.transpose(1, 2)
+        state[name] = tensor.to(device=device or "cpu", dtype=dtype or tensor.dtype).contiguous()
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint {directory} does not match the {cfg.model_type} model built from its config.json:"]
+        if missing:
+            lines.append(f"  missing tensors ({len(missing)}): "
+                         + ", ".join(module_to_file_name(k, cfg.family) for k in missing[:20]))
+        if unexpected:
+            lines.append(f"  unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+        if wrong:
+            lines.append(f"  wrong shapes ({len(wrong)}): " + "; ".join(wrong[:20]))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def save(model, directory, max_shard_bytes=5 * 2**30):
+    """config.json and safetensors shards with the official names and layout. Files are written under temporary
+    names and renamed at the end, so an interrupted save never leaves a half-written checkpoint in place."""
+    cfg = model.cfg
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, p in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        tensors[module_to_file_name(name, cfg.family)] = p.detach().to("cpu").contiguous()
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    written = []
+    for fname, shard in zip(names, shards):
+        save_file(shard, directory / (fname + ".tmp"), metadata={"format": "pt"})
+        written.append(fname)
+    extra = {"config.json": json.dumps(cfg.to_dict(dtype=model.dtype), indent=2)}
+    if len(shards) > 1:
+        weight_map = {k: f for f, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        extra["model.safetensors.index.json"] = json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    for fname, text in extra.items():
+        (directory / (fname + ".tmp")).write_text(text)
+        written.append(fname)
+    for fname in written:
+        os.replace(directory / (fname + ".tmp"), directory / fname)
+    # a previous save with another shard count would leave stale shards that an index-less reader would glob
+    for stale in directory.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    if len(shards) == 1 and (directory / "model.safetensors.index.json").exists():
+        (directory / "model.safetensors.index.json").unlink()

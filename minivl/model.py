@@ -1,0 +1,153 @@
+"""The vision-language model: vision features scattered into the token embeddings, the decoder, the lm_head.
+
+    pixel_values --VisionTower--> (M, D) features --replace the <|image_pad|> / <|video_pad|> embeddings-->
+    (B, T, D) --TextModel (3-D positions from rope.py; Qwen3: DeepStack features added after layers 0..2)-->
+    normed hidden (B, T, D) --lm_head--> logits (B, T, V)
+
+Module names equal the tensor names transformers uses in memory (`model.visual.*`, `model.language_model.*`,
+`lm_head.*`), which are the Qwen3-VL file names; checkpoint.py maps the flat Qwen2/2.5-VL file names onto them.
+
+`model(**batch)` returns logits. `model.hidden_states(**batch)` returns the final normed hidden states, for the
+trainers, which feed them with `model.lm_head.weight` to the fused log-prob kernel instead of materialising
+(B, T, V) logits. Both take `trace=fn`: fn(stage_name, tensor) is called at every stage (patch embed, each vision
+block, merger, DeepStack features, embeddings, position ids, each decoder layer, final norm), which is how
+`minivl.parity` and `--trace` watch a forward without editing the model.
+
+Shapes: B batch, T tokens, D LLM width, V vocabulary, M merged vision tokens.
+"""
+
+import torch
+from torch import nn
+
+from .rope import get_rope_index
+from .text import TextModel
+from .vision import VisionTower
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.visual = VisionTower(cfg.vision, cfg.family)
+        self.language_model = TextModel(cfg.text)
+
+
+def causal_padding_mask(attention_mask):
+    """Boolean (B, 1, T, T): causal, keys restricted to real tokens. Each token may always see itself, so a
+    padding row still has one key and never turns into NaN (a NaN value row would poison every query)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+class VLModel(nn.Module):
+    def __init__(self, cfg, init=True):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if init:
+            self.init_weights()
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        # transformers' _init_weights for these models: normal(0, 0.02) weights, zero biases, unit norms
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding)):
+                m.weight.normal_(0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif hasattr(m, "eps") and hasattr(m, "weight"):  # RMSNorm
+                m.weight.fill_(1.0)
+            elif hasattr(m, "gate_up_proj"):  # MoE experts
+                m.gate_up_proj.normal_(0, std)
+                m.down_proj.normal_(0, std)
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    def _scatter(self, embeds, input_ids, token_id, pixels, grid_thw, name, trace):
+        """Replace the embeddings of `token_id` positions with the vision features of `pixels`, in order."""
+        features, deepstack = self.model.visual(pixels.to(self.dtype), grid_thw, trace=trace)  # (M, D)
+        mask = input_ids == token_id  # (B, T)
+        n_tokens = int(mask.sum())
+        if n_tokens != features.shape[0]:
+            raise ValueError(f"input_ids hold {n_tokens} {name} tokens but {name}_grid_thw {grid_thw.tolist()} "
+                             f"gives {features.shape[0]} {name} features")
+        embeds = embeds.masked_scatter(mask[..., None], features.to(embeds.dtype))
+        return embeds, mask, deepstack
+
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                      pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                      trace=None):
+        """Final normed hidden states (B, T, D) of the decoder."""
+        cfg = self.cfg
+        embeds = self.model.language_model.embed_tokens(input_ids)  # (B, T, D)
+        visual_mask, deepstack = torch.zeros_like(input_ids, dtype=torch.bool), []
+        if pixel_values is not None:
+            embeds, visual_mask, deepstack = self._scatter(embeds, input_ids, cfg.image_token_id, pixel_values,
+                                                           image_grid_thw, "image", trace)
+        if pixel_values_videos is not None:
+            embeds, video_mask, video_deepstack = self._scatter(embeds, input_ids, cfg.video_token_id,
+                                                                pixel_values_videos, video_grid_thw, "video", trace)
+            deepstack = _merge_deepstack(visual_mask, deepstack, video_mask, video_deepstack)
+            visual_mask = visual_mask | video_mask
+        if trace:
+            trace("embeddings", embeds)
+        if position_ids is None:
+            position_ids, _ = get_rope_index(cfg, input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                                             second_per_grid_ts)
+        if trace:
+            trace("position_ids", position_ids)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = causal_padding_mask(attention_mask)
+        hidden = self.model.language_model(embeds, position_ids, mask, (visual_mask, deepstack) if deepstack else None,
+                                           trace=trace)
+        if trace:
+            trace("text.norm", hidden)
+        return hidden
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None, trace=None):
+        """Logits (B, T, V) in the model's dtype."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                    video_grid_thw, second_per_grid_ts, position_ids, trace)
+        logits = self.lm_head(hidden)
+        if trace:
+            trace("logits", logits)
+        return logits
+
+    def save_pretrained(self, directory, max_shard_bytes=5 * 2**30):
+        from .checkpoint import save
+
+        save(self, directory, max_shard_bytes)
+
+
+def _merge_deepstack(image_mask, image_features, video_mask, video_features):
+    """Qwen3-VL with images and videos in one batch: one (n_visual, D) feature per level whose rows follow the
+    visual positions in sequence order, image rows from the image mergers and video rows from the video ones."""
+    if not image_features:
+        return video_features
+    visual = image_mask | video_mask  # (B, T)
+    is_image = image_mask[visual]  # (n_visual,)
+    merged = []
+    for img, vid in zip(image_features, video_features):
+        level = img.new_zeros(is_image.shape[0], img.shape[-1])
+        level[is_image] = img
+        level[~is_image] = vid
+        merged.append(level)
+    return merged

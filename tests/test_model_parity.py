@@ -1,0 +1,132 @@
+"""minivl against transformers on the same tiny checkpoints, float32: logits within 1e-4.
+
+Each case builds the token sequence by hand (vision blocks of the right length between random text), random
+pixel rows of the right patch size, and runs both models on identical tensors. transformers 5 computes the 3-D
+positions from `mm_token_type_ids`, which its processor would give it; minivl from `input_ids` alone.
+"""
+
+import pytest
+import torch
+
+import minivl
+from helpers import (IDS, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text,
+                     vision_block)
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    family = request.param
+    directory = tmp_path_factory.mktemp(family)
+    hf = save_hf(family, directory)
+    return family, hf, minivl.load(directory)
+
+
+def grids_for(family):
+    # merged 5x7 and 3x4 are not multiples of the 4x4 Qwen2.5 window; 4x4 is exactly one window
+    if family.startswith("qwen3"):
+        return [(1, 10, 14), (1, 8, 8)], (2, 6, 8)
+    return [(1, 10, 14), (1, 8, 8)], (2, 6, 8)
+
+
+def run_both(hf, ours, input_ids, attention_mask=None, **vision):
+    with torch.no_grad():
+        ref = hf(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids(input_ids),
+                 **vision).logits
+        out = ours(input_ids, attention_mask=attention_mask, **vision)
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=bool)
+    return (out - ref)[valid].abs().max().item()
+
+
+def test_text_only(pair):
+    family, hf, ours = pair
+    ids = torch.tensor([text(23, 1)])
+    assert run_both(hf, ours, ids) <= TOL
+
+
+def test_one_image(pair):
+    family, hf, ours = pair
+    grids, _ = grids_for(family)
+    ids = torch.tensor([text(5, 2) + vision_block(grids[0]) + text(7, 3)])
+    pv, thw = pixels(family, grids[:1])
+    assert run_both(hf, ours, ids, pixel_values=pv, image_grid_thw=thw) <= TOL
+
+
+def test_two_images_of_different_sizes(pair):
+    family, hf, ours = pair
+    grids, _ = grids_for(family)
+    ids = torch.tensor([text(4, 4) + vision_block(grids[0]) + text(3, 5) + vision_block(grids[1]) + text(6, 6)])
+    pv, thw = pixels(family, grids)
+    assert run_both(hf, ours, ids, pixel_values=pv, image_grid_thw=thw) <= TOL
+
+
+def test_one_video(pair):
+    family, hf, ours = pair
+    _, grid = grids_for(family)
+    tokens = qwen3_video_tokens(grid) if family.startswith("qwen3") else vision_block(grid, video=True)
+    ids = torch.tensor([text(5, 7) + tokens + text(8, 8)])
+    pv, thw = pixels(family, [grid])
+    extra = {}
+    if family == "qwen2_5_vl":
+        # whole seconds and (t - 1) * interval < max(h', w'): where transformers 5 and the reference agree
+        extra["second_per_grid_ts"] = torch.tensor([1.0])
+    assert run_both(hf, ours, ids, pixel_values_videos=pv, video_grid_thw=thw, **extra) <= TOL
+
+
+def test_left_padded_batch(pair):
+    family, hf, ours = pair
+    grids, _ = grids_for(family)
+    rows = [text(3, 9) + vision_block(grids[0]) + text(9, 10),
+            text(6, 11) + vision_block(grids[1]) + text(2, 12)]
+    ids, mask = left_pad(rows)
+    pv, thw = pixels(family, grids)
+    assert run_both(hf, ours, ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw) <= TOL
+
+
+def test_image_and_video_in_one_batch(pair):
+    # Qwen3 DeepStack then merges image and video features in sequence order
+    family, hf, ours = pair
+    grids, vgrid = grids_for(family)
+    vtokens = qwen3_video_tokens(vgrid) if family.startswith("qwen3") else vision_block(vgrid, video=True)
+    ids = torch.tensor([text(3, 13) + vtokens + text(2, 14) + vision_block(grids[1]) + text(4, 15)])
+    pv, thw = pixels(family, grids[1:])
+    pvv, vthw = pixels(family, [vgrid], seed=1)
+    extra = {"second_per_grid_ts": torch.tensor([1.0])} if family == "qwen2_5_vl" else {}
+    assert run_both(hf, ours, ids, pixel_values=pv, image_grid_thw=thw, pixel_values_videos=pvv,
+                    video_grid_thw=vthw, **extra) <= TOL
+
+
+def test_hidden_states_feed_the_head(pair):
+    family, hf, ours = pair
+    ids = torch.tensor([text(11, 16)])
+    with torch.no_grad():
+        assert torch.equal(ours.lm_head(ours.hidden_states(ids)), ours(ids))
+
+
+def test_image_token_count_mismatch_names_both_numbers(pair):
+    family, hf, ours = pair
+    grids, _ = grids_for(family)
+    ids = torch.tensor([text(5, 2) + vision_block(grids[0])[:-3] + text(7, 3)])  # two pads short
+    pv, thw = pixels(family, grids[:1])
+    n = grids[0][1] * grids[0][2] // 4
+    with pytest.raises(ValueError, match=f"{n - 2} image tokens.*{n}"):
+        ours(ids, pixel_values=pv, image_grid_thw=thw)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_tied_checkpoint_without_lm_head(family, tmp_path):
+    from safetensors import safe_open
+
+    hf = save_hf(family, tmp_path, tie=True)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    ours = minivl.load(tmp_path)
+    assert ours.lm_head.weight is ours.model.language_model.embed_tokens.weight
+    ids = torch.tensor([text(9, 17)])
+    assert run_both(hf, ours, ids) <= TOL
+
+
+def test_ids_stay_small():
+    assert max(IDS.values()) < 256

@@ -205,8 +205,9 @@ class Config:
                "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
                "in_channels": v.in_channels}
         if self.family == "qwen2_vl":
+            ratio = v.intermediate_size / v.hidden_size
             vis.update(embed_dim=v.hidden_size, hidden_size=v.out_hidden_size,
-                       mlp_ratio=v.intermediate_size / v.hidden_size)
+                       mlp_ratio=int(ratio) if ratio.is_integer() else ratio)
         else:
             vis.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                        out_hidden_size=v.out_hidden_size)

@@ -9,9 +9,6 @@ from .checkpoint import load
 from .config import Config
 from .model import VLModel
 
-try:  # the processor lands with its own issue; the model works without it
-    from .processor import Processor
-except ImportError:  # pragma: no cover
-    pass
+from .processor import Processor
 
 __all__ = ["load", "Config", "VLModel", "Processor"]

@@ -185,6 +185,7 @@ def save(model, directory, max_shard_bytes=5 * 2**30):
     written = []
     for fname, shard in zip(names, shards):
         save_file(shard, directory / (fname + ".tmp"), metadata={"format": "pt"})
+        os.chmod(directory / (fname + ".tmp"), 0o644)  # safetensors writes 0600; checkpoints are shared files
         written.append(fname)
     extra = {"config.json": json.dumps(cfg.to_dict(dtype=model.dtype), indent=2)}
     if len(shards) > 1:

@@ -27,19 +27,26 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin):
+    """sin with its first half negated. With rotate_half(x) = [-x2, x1]: x * cos + rotate_half(x) * sin equals
+    x * cos + [x2, x1] * signed_sin, three kernels (mul, flip, addcmul) instead of six."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rotary(x, cos, sin_signed):
+    """The rotate-half rotary (transformers' apply_rotary_pos_emb) on the last dim of x; sin_signed from
+    `signed_sin`. Computed in the dtype of x."""
+    shape = x.shape
+    swapped = x.unflatten(-1, (2, shape[-1] // 2)).flip(-2).flatten(-2)  # (..., Dh): [x2, x1]
+    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 def mrope_cos_sin(position_ids, head_dim, theta, mrope_section, interleaved, dtype):
-    """cos/sin tables (B, T, Dh) for 3-row positions (3, B, T): row 0 time, row 1 height, row 2 width.
+    """cos and signed sin tables (B, T, Dh) for 3-row positions (3, B, T): row 0 time, row 1 height, row 2 width.
 
     Each of the Dh/2 rotary frequencies takes its angle from one of the three rows. Qwen2/2.5 (transformers'
     `apply_multimodal_rotary_pos_emb`) give contiguous chunks: the first mrope_section[0] frequencies to time,
@@ -54,11 +61,11 @@ def mrope_cos_sin(position_ids, head_dim, theta, mrope_section, interleaved, dty
         owner[1 : 3 * mrope_section[1] : 3] = 1
         owner[2 : 3 * mrope_section[2] : 3] = 2
     else:
-        owner = torch.repeat_interleave(torch.arange(3, device=owner.device), torch.tensor(mrope_section,
-                                                                                            device=owner.device))
+        # a constant list, not repeat_interleave(tensor), whose data-dependent size breaks a compiled graph
+        owner = torch.tensor([r for r, n in enumerate(mrope_section) for _ in range(n)], device=freqs.device)
     freqs = freqs.gather(0, owner.view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]  # (B, T, Dh/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, Dh)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos().to(dtype), signed_sin(emb.sin().to(dtype))
 
 
 def attention(q, k, v, mask):
@@ -66,11 +73,16 @@ def attention(q, k, v, mask):
 
     mask None means plain causal (flash kernels, grouped heads handled by SDPA). With a boolean mask
     (B, 1, T, S) the key/value heads are expanded first, because SDPA's memory-efficient kernel, the one that
-    takes a mask, does not group heads.
+    takes a mask, does not group heads. Decoding (T = 1) avoids that copy of the whole cache: the G query heads
+    that share a key/value head become G queries of that head, which all see the same keys.
     """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
-    groups = q.shape[1] // k.shape[1]
+    B, H, T, Dh = q.shape
+    if T == 1:
+        q = q.reshape(B, k.shape[1], H // k.shape[1], Dh)  # (B, K, G, Dh)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, 1, Dh)
+    groups = H // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
     v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -79,15 +91,16 @@ def attention(q, k, v, mask):
 class KVCache:
     """A static cache of keys and values, allocated once and written by position.
 
-    k, v: (layers, B, K, S_max, Dh). `positions` (T,) are the slots the current tokens go to; the caller's
-    boolean mask (B, 1, T, S_max) says which slots each query may read. Shapes never change, so a decode step
-    can be captured as a CUDA graph.
+    k, v: one (B, K, S_max, Dh) tensor per layer (separate tensors, so that a compiled decode step writes its
+    slot in place instead of copying a whole (layers, ...) block). `positions` (T,) are the slots the current
+    tokens go to; the caller's boolean mask (B, 1, T, S_max) says which slots each query may read. Shapes never
+    change, so a decode step can be captured as a CUDA graph.
     """
 
     def __init__(self, layers, batch, kv_heads, max_len, head_dim, dtype, device):
-        shape = (layers, batch, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.positions = None
 
     def update(self, layer, k, v):
@@ -119,8 +132,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, Dh), (B, K, T, Dh)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S_max, Dh)
         out = attention(q, k, v, mask)  # (B, H, T, Dh)

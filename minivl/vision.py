@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text import MLP, RMSNorm, rotate_half
+from .text import MLP, RMSNorm, apply_rotary, signed_sin
 
 
 @dataclass
@@ -148,11 +148,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, seg):
         N = x.shape[0]
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # 3 x (N, H, Dh)
-        # the rotary is applied in float32 and cast back (transformers' apply_rotary_pos_emb_vision)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        return self.proj(segment_attention(q, k, v, seg).reshape(N, -1))
+        qkv = self.qkv(x).view(N, 3, self.num_heads, -1)  # (N, 3, H, Dh)
+        # q and k rotate together, in float32, cast back (transformers' apply_rotary_pos_emb_vision)
+        q, k = apply_rotary(qkv[:, :2].float(), cos, sin).to(x.dtype).unbind(1)  # 2 x (N, H, Dh)
+        return self.proj(segment_attention(q, k, qkv[:, 2], seg).reshape(N, -1))
 
 
 class QuickGeluMLP(nn.Module):  # Qwen2-VL
@@ -267,7 +266,7 @@ class VisionTower(nn.Module):
             x = x.view(N // cfg.merge_unit, cfg.merge_unit, -1)[order].view(N, -1)  # (N, C) in window order
             angles = angles.view(N // cfg.merge_unit, cfg.merge_unit, -1)[order].view(N, -1)
             windows = make_segments(lengths, dev)
-        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (N, 1, Dh) float32
+        cos, sin = angles.cos()[:, None, None], signed_sin(angles.sin())[:, None, None]  # (N, 1, 1, Dh) float32
         deepstack = []
         for i, block in enumerate(self.blocks):
             seg = frames if windows is None or i in cfg.fullatt_block_indexes else windows

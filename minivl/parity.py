@@ -35,6 +35,10 @@ minivl/sampler.py exists, else a plain greedy loop over full forwards (each step
 transformers: `generate(do_sample=False)`. Both stop at the processor's end-of-turn tokens and, as
 minivl.generate does, never pick a vision token.
 
+Known difference, not a minivl bug: for a Qwen2.5-VL video whose seconds per temporal patch are fractional, or
+whose (t - 1) * time step reaches max(h', w'), transformers 5.x numbers the positions differently from the Qwen
+reference that rope.py follows (facts §7, item 15a); the tool then reports position_ids as the first divergence.
+
 What it simplifies: one conversation (batch of one, no padding); a --video is a file (needs PyAV) or a
 directory of frames taken at --fps; transformers 5 gets `mm_token_type_ids` (0 text, 1 image, 2 video), which
 its own processor would have made, to compute its 3-D positions.
@@ -42,6 +46,7 @@ its own processor would have made, to compute its 3-D positions.
 
 import argparse
 import inspect
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -370,7 +375,7 @@ def compare(args, modify_minivl=None):
               file=sys.stderr)
         return 2
     dtype, device = DTYPES[args.dtype], args.device
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # true float32 on both sides: transformers' Conv3d patch embed would use TF32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     tol = args.tol if args.tol is not None else TOLERANCES[args.dtype]
@@ -448,19 +453,14 @@ def print_header(args, model, processor, batch, reference):
 
 
 def prompt_text(processor, ids, width=320):
-    """The prompt with each run of image/video pad tokens shown once with its length."""
+    """The prompt, with each run of image / video pad tokens written once with its length."""
     pads = {processor.image_token_id: "<|image_pad|>", processor.video_token_id: "<|video_pad|>"}
-    out, run = [], 0
-    ids = ids.tolist()
-    for i, t in enumerate(ids):
-        if t in pads:
-            run += 1
-            if i + 1 == len(ids) or ids[i + 1] != t:
-                out.append(f"{pads[t]}x{run}")
-                run = 0
-        else:
-            out.append(processor.decode([t], skip_special_tokens=False))
-    text = "".join(out)
+    pieces = []
+    for pad, run in itertools.groupby(ids.tolist(), key=lambda t: t if t in pads else None):
+        run = list(run)  # text is decoded a run at a time: the bytes of one character may span tokens
+        text = processor.decode(run, skip_special_tokens=False) if pad is None else f"{pads[pad]}x{len(run)}"
+        pieces.append(text)
+    text = "".join(pieces)
     return text if len(text) <= width else text[: width // 2] + " ... " + text[-width // 2:]
 
 

@@ -42,7 +42,9 @@ def media(tmp_path_factory):
     ph.noise_image(140, 84, seed=1).save(root / "wide.png")  # Qwen2.5: merged 3x5, two windows
     ph.noise_image(90, 60, seed=2).save(root / "small.png")
     (root / "frames").mkdir()
-    for i in range(4):  # 2 temporal patches of 2 frames
+    # 2 temporal patches of 2 frames, 1 s each: a video whose Qwen2.5 positions transformers 5 numbers as the
+    # Qwen reference does (whole seconds, (t - 1) * 2 < max(h', w'); facts §7 item 15a)
+    for i in range(4):
         ph.noise_image(112, 84, seed=10 + i).save(root / "frames" / f"{i:02d}.png")
     return root
 

@@ -92,8 +92,9 @@ class VLModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                       pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
-                      trace=None):
-        """Final normed hidden states (B, T, D) of the decoder."""
+                      trace=None, cache=None):
+        """Final normed hidden states (B, T, D) of the decoder. A KVCache of T slots (positions 0..T-1) keeps the
+        prompt's keys and values for the sampler."""
         cfg = self.cfg
         embeds = self.model.language_model.embed_tokens(input_ids)  # (B, T, D)
         visual_mask, deepstack = torch.zeros_like(input_ids, dtype=torch.bool), []
@@ -116,7 +117,7 @@ class VLModel(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = causal_padding_mask(attention_mask)
         hidden = self.model.language_model(embeds, position_ids, mask, (visual_mask, deepstack) if deepstack else None,
-                                           trace=trace)
+                                           cache=cache, trace=trace)
         if trace:
             trace("text.norm", hidden)
         return hidden

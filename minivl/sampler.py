@@ -1,0 +1,323 @@
+"""The KV-cache sampler: chat answers and GRPO rollouts, greedy or sampled, as gpt-fast decodes.
+
+    out = minivl.generate(model, batch, max_new_tokens=64, temperature=0.0)       # greedy
+    out = minivl.generate(model, batch, 256, temperature=1.0, top_p=0.95, num_return_sequences=8, seed=0)
+    out.tokens (B*n, L) right-padded, out.lengths (B*n,), out.logprobs (B*n, L) float32, out.truncated (B*n,)
+
+`batch` is the processor's output (left-padded input_ids, attention_mask and the vision tensors). Rows
+b*n .. b*n+n-1 of the output are the n answers to prompt b.
+
+How it runs:
+  1. Prefill: one forward over the prompts (the vision tower runs once per prompt) into a prompt-sized cache;
+     the first token of every answer is sampled from the last position. The 3-D positions and rope deltas are
+     computed here from this batch, every call: nothing is kept on the model (transformers #43952).
+  2. The prompt's keys and values are copied n times into the decode cache of B*n rows and
+     S = prompt + max_new_tokens slots (rounded up to 16), allocated once.
+  3. Decode: each step feeds every row's last token at slot s, position s + (the row's rope delta), and
+     samples the next one. All state (cache, last token, slot, finished rows, outputs) lives in tensors updated
+     in place, so on CUDA the step is compiled (torch.compile fuses the small ops) and captured once as a CUDA
+     graph: a step is one graph replay, with no host work and no sync. The host only asks "all rows finished?"
+     every `check_every` steps. On the CPU the same step runs eagerly.
+  4. Sampling without a host sync: Gumbel-max (argmax of log p + Gumbel noise, the exponential race of
+     gpt-fast). The noise is a counter-based hash of (seed, step, row, token), so a seed gives the same tokens
+     on every device, eager or compiled, and the CUDA graph needs no generator state.
+
+Rows that produced an eos keep running (shapes are static) but their later tokens are padding with log-prob 0.
+Vision tokens (<|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>, <|vision_pad|>) are never sampled
+(trl #3847).
+
+What it simplifies: attention reads the whole static cache every step, masked, rather than only the slots
+written so far. At batch 1 the cache is a few % of the weights' bytes; for GRPO batches (64 rows of ~800
+slots) it adds about 8% (3B) to 12% (8B) to a step's bytes (facts/performance.md §2, static-cache caveat).
+Qwen3-VL-MoE decodes without a CUDA graph (its routing has data-dependent shapes). No beam search, no
+repetition penalty, no stop strings.
+
+Shapes: B prompts, n answers per prompt, N = B*n rows, T0 prompt length (padding included), S cache slots,
+V vocabulary, L generated length.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .rope import get_rope_index
+from .text import KVCache, mrope_cos_sin
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = all tokens
+    top_p: float = 1.0  # 1 = all tokens
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (N, L) right-padded with the pad id
+    lengths: torch.Tensor  # (N,) generated tokens, the eos included
+    logprobs: torch.Tensor  # (N, L) float32, 0 on padding
+    truncated: torch.Tensor  # (N,) True where max_new_tokens was reached without an eos
+
+
+@dataclass
+class DecodeState:
+    """Everything a decode step reads and writes: tensors updated in place, which a CUDA graph replays on."""
+    cache: KVCache  # (N, K, S, Dh) per layer; cache.positions (1,) is the slot of the token fed next
+    key_valid: torch.Tensor  # (N, S) bool: False on the prompt's left padding
+    delta: torch.Tensor  # (N,) rope delta: the token in slot s has position s + delta
+    token: torch.Tensor  # (N,) the last sampled token, fed at the next step
+    step: torch.Tensor  # () index of the next token to sample
+    done: torch.Tensor  # (N,) bool: an eos was sampled
+    lengths: torch.Tensor  # (N,)
+    tokens: torch.Tensor  # (N, max_new_tokens)
+    logprobs: torch.Tensor  # (N, max_new_tokens) float32
+    logits: torch.Tensor  # (N, V) float32 logits of the last step, for tests
+    banned: torch.Tensor  # (nb,) token ids never sampled
+    eos: torch.Tensor  # (ne,) token ids that end a row
+    seed: torch.Tensor  # () int64
+    pad_id: int
+
+    def small_tensors(self):
+        return [self.cache.positions, self.token, self.step, self.done, self.lengths, self.tokens, self.logprobs]
+
+
+def vision_token_ids(cfg):
+    """Token ids an answer may never contain. Every Qwen-VL tokenizer puts <|vision_pad|> right after
+    <|vision_end|> (151652 start, 151653 end, 151654 pad); config.json names the other four."""
+    ids = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
+           cfg.vision_end_token_id + 1}
+    return sorted(i for i in ids if i < cfg.text.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def _mul32(x, c):
+    # (x * c) mod 2**32 for 0 <= x < 2**32, in two halves of c so that int64 never overflows
+    return ((((x * (c >> 16)) & 0xFFFF) << 16) + x * (c & 0xFFFF)) & 0xFFFFFFFF
+
+
+def _hash32(x):
+    # "lowbias32" (C. Wellons, hash-prospector): a bijection of 32-bit integers with good avalanche
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed, step, rows, vocab_size):
+    """Gumbel(0, 1) noise (rows, V), float32, a pure function of (seed, step, row, token)."""
+    device = step.device
+    key = _hash32(_hash32((seed & 0xFFFFFFFF) ^ step) ^ torch.arange(rows, device=device))  # (rows,)
+    bits = _hash32(torch.arange(vocab_size, device=device) ^ key[:, None]) >> 8  # (rows, V) 24 random bits
+    u = (bits.float() + 0.5) * 2.0**-24  # uniform in (0, 1), exactly representable in float32
+    return -torch.log(-torch.log(u))
+
+
+def support_logits(logits, sampling, banned):
+    """logits (N, V) float32 -> the logits sampling draws from: temperature-scaled, -inf outside the support
+    (banned tokens, then top-k, then top-p, the order of transformers' logits warpers). Greedy keeps the
+    temperature at 1 here, so that its log-probs are those of the model."""
+    x = logits / sampling.temperature if sampling.temperature > 0 else logits
+    x = x.index_fill(1, banned, float("-inf"))
+    if sampling.top_k > 0:
+        kth = x.topk(min(sampling.top_k, x.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
+        x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th value stay, as in transformers
+    if sampling.top_p < 1.0:
+        # keep the most likely tokens until their mass reaches top_p (transformers' TopPLogitsWarper)
+        sorted_x, order = x.sort(dim=-1, descending=True)  # (N, V)
+        probs = sorted_x.softmax(dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= sampling.top_p  # the mass before it already reaches top_p
+        x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+    return x
+
+
+def pick(logits, sampling, banned, seed, step):
+    """Next token (N,) and its log-prob (N,) float32 under the support distribution, without a host sync."""
+    x = support_logits(logits, sampling, banned)  # (N, V)
+    logp = x.log_softmax(dim=-1)
+    if sampling.temperature > 0:
+        token = (logp + gumbel_noise(seed, step, *x.shape)).argmax(dim=-1)  # Gumbel-max: a draw from softmax(x)
+    else:
+        token = x.argmax(dim=-1)
+    return token, logp.gather(1, token[:, None])[:, 0]
+
+
+def record(state, logits, sampling):
+    """Sample every row's next token from logits (N, V) and write it at output column state.step."""
+    token, logprob = pick(logits, sampling, state.banned, state.seed, state.step)
+    active = ~state.done
+    token = torch.where(active, token, state.pad_id)  # finished rows only pad
+    logprob = torch.where(active, logprob, 0.0)
+    column = state.step.view(1)
+    state.tokens.index_copy_(1, column, token[:, None])
+    state.logprobs.index_copy_(1, column, logprob[:, None])
+    state.lengths.add_(active.long())
+    state.done.logical_or_((token[:, None] == state.eos).any(dim=-1) & active)
+    state.token.copy_(token)
+    state.logits.copy_(logits)
+    state.step.add_(1)
+
+
+# --------------------------------------------------------------------------------------- prefill, decode
+
+def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed):
+    """Run the prompts once, copy their cache n times, sample the first token -> DecodeState."""
+    cfg, text_cfg, device, n = model.cfg, model.cfg.text, model.device, num_return_sequences
+    input_ids = batch["input_ids"].to(device)
+    B, T0 = input_ids.shape
+    attention_mask = batch.get("attention_mask")
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    vision = {k: batch[k].to(device) for k in VISION_KEYS if batch.get(k) is not None}
+    position_ids, deltas = get_rope_index(cfg, input_ids, attention_mask, vision.get("image_grid_thw"),
+                                          vision.get("video_grid_thw"), vision.get("second_per_grid_ts"))
+    layers, kv_heads, head_dim = text_cfg.num_hidden_layers, text_cfg.num_key_value_heads, text_cfg.head_dim
+
+    prompt_cache = KVCache(layers, B, kv_heads, T0, head_dim, model.dtype, device)
+    prompt_cache.positions = torch.arange(T0, device=device)
+    hidden = model.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=prompt_cache,
+                                 **vision)  # (B, T0, D)
+    logits = model.lm_head(hidden[:, -1]).float()  # (B, V): left padding puts every prompt's last token last
+
+    N, S = B * n, -(-(T0 + max_new_tokens) // 16) * 16  # slots rounded up for aligned attention masks
+    cache = KVCache(layers, N, kv_heads, S, head_dim, model.dtype, device)
+    for k, v, pk, pv in zip(cache.k, cache.v, prompt_cache.k, prompt_cache.v):
+        k[:, :, :T0] = pk.repeat_interleave(n, dim=0)  # (N, K, T0, Dh): the n answers of a prompt share it
+        v[:, :, :T0] = pv.repeat_interleave(n, dim=0)
+    del prompt_cache
+    cache.positions = torch.full((1,), T0, device=device)
+    key_valid = torch.ones(N, S, dtype=torch.bool, device=device)
+    key_valid[:, :T0] = attention_mask.bool().repeat_interleave(n, dim=0)
+    i64 = dict(dtype=torch.long, device=device)
+    state = DecodeState(
+        cache=cache, key_valid=key_valid, delta=deltas[:, 0].repeat_interleave(n), token=torch.zeros(N, **i64),
+        step=torch.zeros((), **i64), done=torch.zeros(N, dtype=torch.bool, device=device),
+        lengths=torch.zeros(N, **i64), tokens=torch.full((N, max_new_tokens), pad_id, **i64),
+        logprobs=torch.zeros(N, max_new_tokens, device=device),
+        logits=torch.zeros(N, text_cfg.vocab_size, device=device),
+        banned=torch.tensor(vision_token_ids(cfg), **i64), eos=torch.tensor(eos, **i64),
+        seed=torch.tensor(seed, **i64), pad_id=pad_id)
+    record(state, logits.repeat_interleave(n, dim=0), sampling)
+    return state
+
+
+class LayerCache:
+    """The cache of one layer, as Attention sees it. update() ignores the layer index, so that one compiled
+    layer function serves every layer (torch.compile specialises on integers and would compile 36 copies)."""
+
+    def __init__(self, cache, layer):
+        self.k, self.v, self.positions = cache.k[layer], cache.v[layer], cache.positions
+
+    def update(self, layer, k, v):
+        self.k.index_copy_(2, self.positions, k)  # (N, K, S, Dh) written at the current slot
+        self.v.index_copy_(2, self.positions, v)
+        return self.k, self.v
+
+
+def step_inputs(text, state):
+    """Embeddings (N, 1, D), rotary tables (N, 1, Dh) and mask (N, 1, 1, S) of the tokens fed this step."""
+    c, (N, S) = text.cfg, state.key_valid.shape
+    slot = state.cache.positions  # (1,)
+    x = text.embed_tokens(state.token[:, None])  # (N, 1, D)
+    position_ids = (slot + state.delta).view(1, N, 1).expand(3, N, 1)  # a text token: t = h = w
+    cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, c.mrope_interleaved, x.dtype)
+    mask = state.key_valid & (torch.arange(S, device=slot.device) <= slot)  # (N, S): the prompt, answers so far
+    return x, cos, sin, mask[:, None, None, :]
+
+
+def run_layer(layer, x, cos, sin, mask, layer_cache):
+    return layer(x, cos, sin, mask, layer_cache)
+
+
+def step_outputs(model, state, x, sampling):
+    """Final norm, lm_head, sample; then move to the next slot."""
+    record(state, model.lm_head(model.model.language_model.norm(x)[:, 0]).float(), sampling)
+    state.cache.positions.add_(1)
+
+
+def decode_step(model, state, sampling, parts=(step_inputs, run_layer, step_outputs)):
+    """Feed every row's last token at slot cache.positions and sample the next one, in place: TextModel.forward
+    for one text token per row. parts: the three functions above, or their compiled versions."""
+    begin, layer_fn, end = parts
+    text = model.model.language_model
+    x, cos, sin, mask = begin(text, state)
+    for i, layer in enumerate(text.layers):
+        x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i))  # (N, 1, D)
+    end(model, state, x, sampling)
+
+
+_compiled_parts = None
+
+
+def cuda_graph_step(model, state, sampling, compile=True):
+    """The decode step captured once as a CUDA graph: calling the result replays it.
+
+    With compile, its three parts go through torch.compile first, so that inductor fuses the many small ops
+    (norms, rotary, masks, sampling) that would otherwise cost a kernel each. One decoder layer is compiled and
+    serves all layers ("regional compilation"): compile time does not grow with depth.
+    """
+    global _compiled_parts
+    if compile and _compiled_parts is None:
+        _compiled_parts = tuple(torch.compile(f, fullgraph=True) for f in (step_inputs, run_layer, step_outputs))
+    parts = _compiled_parts if compile else (step_inputs, run_layer, step_outputs)
+    saved = [t.clone() for t in state.small_tensors()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile, autotune and warm the allocator outside the capture
+        for _ in range(2):
+            decode_step(model, state, sampling, parts)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_step(model, state, sampling, parts)
+    # the warm-up steps advanced the state; the cache slots they wrote are masked until rewritten
+    for t, s in zip(state.small_tensors(), saved):
+        t.copy_(s)
+    return graph.replay
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+@torch.no_grad()
+def generate(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=1,
+             eos_token_id=None, seed=None, pad_token_id=None, stream=None, check_every=None, compile=True):
+    """Sample max_new_tokens (fewer if every row ends with an eos) for every prompt of `batch` -> Generation.
+
+    temperature 0 is greedy. eos_token_id: an id or a list of ids. pad_token_id fills the tokens after an eos
+    (default: the first eos, else 0). stream(tokens (N, i), lengths (N,)) is called every check_every steps
+    (default 16 on CUDA, 1 on the CPU) and at the end. compile=False captures the eager step (CUDA only).
+    """
+    if max_new_tokens < 1 or num_return_sequences < 1:
+        raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, got {temperature}, {top_p}, "
+                         f"{top_k}")
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if seed is None:
+        seed = int(torch.randint(2**31, ()))  # torch.manual_seed decides it
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    state = prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed)
+
+    # Qwen3-VL-MoE routes tokens with data-dependent shapes (a host sync per layer), which a CUDA graph cannot
+    # hold: it decodes eagerly, like the CPU
+    graphed = state.token.device.type == "cuda" and model.cfg.text.num_experts == 0
+    check_every = check_every or (16 if graphed else 1)
+    step = None
+    for i in range(1, max_new_tokens):
+        if i % check_every == 0:
+            if stream:
+                stream(state.tokens[:, :i], state.lengths)
+            if eos and bool(state.done.all()):  # the only host sync of the loop
+                break
+        if step is None:  # made here: with max_new_tokens = 1 there is nothing to compile or capture
+            step = cuda_graph_step(model, state, sampling, compile) if graphed else (
+                lambda: decode_step(model, state, sampling))
+        step()
+    L = int(state.lengths.max())
+    if stream:
+        stream(state.tokens[:, :L], state.lengths)
+    return Generation(tokens=state.tokens[:, :L], lengths=state.lengths, logprobs=state.logprobs[:, :L],
+                      truncated=~state.done)

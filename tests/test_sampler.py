@@ -1,0 +1,277 @@
+"""The KV-cache sampler (minivl/sampler.py) on tiny transformers checkpoints, float32, on the CPU.
+
+Greedy answers equal transformers' `generate`; the logits of every cached decode step equal a full forward over
+the whole sequence; the returned log-probs are those of the support distribution the tokens were drawn from;
+n answers per prompt share one vision pass; top-k, top-p, eos, seeds and banned vision tokens behave.
+Prompts are built by hand (vision blocks of the right length between random text), left-padded.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minivl
+from helpers import IDS, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text, vision_block
+from minivl import sampler
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+BANNED = [IDS["vision_start_token_id"], IDS["vision_end_token_id"], IDS["image_token_id"], IDS["video_token_id"]]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    family = request.param
+    directory = tmp_path_factory.mktemp(family)
+    hf = save_hf(family, directory)
+    return family, hf, minivl.load(directory)
+
+
+def make_batch(family, repeat=1):
+    """Three prompts of different lengths: text + image + text, text + video + text, short text only.
+    repeat > 1 repeats each prompt (and its pixels) in place, as the sampler orders its n answers."""
+    image, video = (1, 8, 8), (2, 4, 8)
+    vtokens = qwen3_video_tokens(video) if family.startswith("qwen3") else vision_block(video, video=True)
+    rows = [text(4, 1) + vision_block(image) + text(6, 2), text(2, 3) + vtokens + text(3, 4), text(5, 5)]
+    pv, thw = pixels(family, [image])
+    pvv, vthw = pixels(family, [video], seed=1)
+    rows = [r for r in rows for _ in range(repeat)]
+    ids, mask = left_pad(rows)
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pv.repeat(repeat, 1), image_grid_thw=thw.repeat(
+        repeat, 1), pixel_values_videos=pvv.repeat(repeat, 1), video_grid_thw=vthw.repeat(repeat, 1))
+    if family == "qwen2_5_vl":
+        batch["second_per_grid_ts"] = torch.ones(repeat)  # whole seconds: transformers 5 agrees (rope.py)
+    return batch
+
+
+def hf_generate(hf, batch, max_new_tokens, **kw):
+    with torch.no_grad():
+        out = hf.generate(**batch, mm_token_type_ids=mm_token_type_ids(batch["input_ids"]), do_sample=False,
+                          max_new_tokens=max_new_tokens, pad_token_id=0, suppress_tokens=BANNED, **kw)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def full_logits(model, batch, tokens, repeat):
+    """Logits (N, L, V) predicting each generated token, from one forward over prompt + answer."""
+    full = make_batch(batch["family"], repeat)
+    del full["input_ids"], full["attention_mask"]
+    ids = torch.cat([batch["input_ids"].repeat_interleave(repeat, 0), tokens], dim=1)
+    mask = torch.cat([batch["attention_mask"].repeat_interleave(repeat, 0), torch.ones_like(tokens)], dim=1)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, **full)
+    T0 = batch["input_ids"].shape[1]
+    return logits[:, T0 - 1 : -1].float()
+
+
+def test_greedy_equals_transformers(pair):
+    family, hf, ours = pair
+    batch = make_batch(family)
+    out = minivl.generate(ours, batch, max_new_tokens=12, temperature=0.0)
+    assert torch.equal(out.tokens, hf_generate(hf, batch, 12))
+    assert out.lengths.tolist() == [12, 12, 12] and out.truncated.all()
+    assert out.logprobs.dtype == torch.float32 and (out.logprobs <= 0).all()
+
+
+def test_cached_logits_equal_full_forward(pair):
+    # sampled answers, two per prompt: every step's logits against one forward over the whole sequence
+    family, hf, ours = pair
+    batch, n, steps = make_batch(family), 2, 7
+    s = sampler.Sampling(temperature=0.9, top_k=40, top_p=0.95)
+    with torch.no_grad():
+        state = sampler.prefill(ours, batch, n, steps, s, eos=[], pad_id=0, seed=5)
+        logits = [state.logits.clone()]
+        for _ in range(steps - 1):
+            sampler.decode_step(ours, state, s)
+            logits.append(state.logits.clone())
+    ref = full_logits(ours, dict(batch, family=family), state.tokens, n)
+    assert (torch.stack(logits, dim=1) - ref).abs().max() <= TOL
+
+
+def reference_logprob(logits, token, temperature, top_k, top_p):
+    """log p(token) for one row (V,), the support written out token by token."""
+    x = logits / temperature
+    x[BANNED] = float("-inf")
+    x[x < x.sort(descending=True).values[top_k - 1]] = float("-inf")  # top-k, ties with the k-th kept
+    probs = x.softmax(-1)
+    keep, mass = [], 0.0
+    for i in probs.argsort(descending=True).tolist():  # top-p: the most likely until their mass reaches top_p
+        if mass >= top_p:
+            break
+        keep.append(i)
+        mass += float(probs[i])
+    assert token in keep, "a token was drawn from outside the support"
+    y = torch.full_like(x, float("-inf"))
+    y[keep] = x[keep]
+    return y.log_softmax(-1)[token]
+
+
+def test_logprobs_are_those_of_the_support(pair):
+    family, hf, ours = pair
+    batch, n = make_batch(family), 2
+    out = minivl.generate(ours, batch, max_new_tokens=6, temperature=0.7, top_k=30, top_p=0.8,
+                          num_return_sequences=n, seed=3)
+    ref = full_logits(ours, dict(batch, family=family), out.tokens, n)
+    for r in range(out.tokens.shape[0]):
+        for i in range(out.tokens.shape[1]):
+            expected = reference_logprob(ref[r, i], int(out.tokens[r, i]), 0.7, 30, 0.8)
+            assert abs(out.logprobs[r, i] - expected) <= TOL
+
+
+def test_return_sequences_share_one_vision_pass(pair, monkeypatch):
+    family, hf, ours = pair
+    batch = make_batch(family)
+    calls = []
+    forward = type(ours.model.visual).forward
+
+    def counted(self, pixels, *args, **kw):
+        calls.append(pixels.shape[0])
+        return forward(self, pixels, *args, **kw)
+
+    monkeypatch.setattr(type(ours.model.visual), "forward", counted)
+    greedy = minivl.generate(ours, batch, max_new_tokens=5, temperature=0.0, num_return_sequences=4)
+    assert calls == [batch["pixel_values"].shape[0], batch["pixel_values_videos"].shape[0]]  # images, videos
+    one = minivl.generate(ours, batch, max_new_tokens=5, temperature=0.0)
+    assert torch.equal(greedy.tokens, one.tokens.repeat_interleave(4, 0))  # the copied cache rows are right
+    sampled = minivl.generate(ours, batch, max_new_tokens=5, temperature=1.0, num_return_sequences=4, seed=0)
+    assert len({tuple(t) for t in sampled.tokens[:4].tolist()}) > 1
+
+
+def test_top_k_one_is_greedy(pair):
+    family, hf, ours = pair
+    batch = make_batch(family)
+    greedy = minivl.generate(ours, batch, max_new_tokens=6, temperature=0.0)
+    top1 = minivl.generate(ours, batch, max_new_tokens=6, temperature=1.3, top_k=1, seed=1)
+    assert torch.equal(top1.tokens, greedy.tokens)
+    assert torch.allclose(top1.logprobs, torch.zeros_like(top1.logprobs))  # one token left in the support
+
+
+def test_eos_ends_rows_like_transformers(pair):
+    family, hf, ours = pair
+    batch = make_batch(family)
+    free = minivl.generate(ours, batch, max_new_tokens=10, temperature=0.0).tokens
+    first = next(i for i in range(2, 10) if int(free[0, i]) not in free[0, :i].tolist())
+    eos = int(free[0, first])  # row 0 ends after first + 1 tokens, the others when (if) they meet it
+    out = minivl.generate(ours, batch, max_new_tokens=10, temperature=0.0, eos_token_id=[eos], pad_token_id=0)
+    ref = hf_generate(hf, batch, 10, eos_token_id=eos)
+    assert torch.equal(out.tokens, ref[:, : out.tokens.shape[1]])
+    assert out.lengths[0] == first + 1 and not out.truncated[0]
+    for r in range(3):
+        n = int(out.lengths[r])
+        assert (out.tokens[r, n:] == 0).all() and (out.logprobs[r, n:] == 0).all()
+        assert out.truncated[r] == (eos not in out.tokens[r].tolist())
+
+
+def test_all_rows_finished_stops_early(pair):
+    family, hf, ours = pair
+    batch = make_batch(family)
+    first = minivl.generate(ours, batch, max_new_tokens=1, temperature=0.0).tokens[:, 0].tolist()
+    out = minivl.generate(ours, batch, max_new_tokens=40, temperature=0.0, eos_token_id=first)  # all end at once
+    assert out.tokens.shape[1] == 1 and out.lengths.tolist() == [1, 1, 1] and not out.truncated.any()
+
+
+def test_seeds_reproduce(pair):
+    family, hf, ours = pair
+    batch = make_batch(family)
+    kw = dict(max_new_tokens=6, temperature=1.0, num_return_sequences=2)
+    a, b, c = (minivl.generate(ours, batch, seed=s, **kw) for s in (7, 7, 8))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+    torch.manual_seed(0)
+    d = minivl.generate(ours, batch, **kw)
+    torch.manual_seed(0)
+    assert torch.equal(d.tokens, minivl.generate(ours, batch, **kw).tokens)
+
+
+def test_positions_are_recomputed_every_call(pair):
+    # transformers #43952: a rope delta kept from the previous batch shifts the next one's positions
+    family, hf, ours = pair
+    text_only = {"input_ids": torch.tensor([text(9, 20)])}
+    before = minivl.generate(ours, text_only, max_new_tokens=6, temperature=0.0)
+    minivl.generate(ours, make_batch(family), max_new_tokens=3, temperature=0.0)
+    after = minivl.generate(ours, text_only, max_new_tokens=6, temperature=0.0)
+    assert torch.equal(before.tokens, after.tokens)
+    text_only["attention_mask"] = torch.ones(1, 9, dtype=torch.long)
+    assert torch.equal(after.tokens, hf_generate(hf, text_only, 6))
+
+
+def test_sampling_follows_the_support_distribution():
+    # 20,000 draws from one row: frequencies match the renormalised support, nothing outside it is drawn
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, 9.0, 8.0]])  # ids 6 and 7 are banned below
+    s = sampler.Sampling(temperature=0.8, top_k=4, top_p=0.9)
+    banned = torch.tensor([6, 7])
+    N = 20000
+    token, logp = sampler.pick(logits.expand(N, -1), s, banned, torch.tensor(1), torch.tensor(0))
+    support = sampler.support_logits(logits, s, banned)[0]
+    p = support.softmax(-1)
+    assert torch.isinf(support[[4, 5, 6, 7]]).all()  # top-k drops 4 and 5 (and the banned 6, 7)
+    assert torch.isfinite(support[:3]).all()  # top-p: 0.8 of the top-4 mass is reached by ids 0..2
+    freq = torch.bincount(token, minlength=8).float() / N
+    assert (freq - p).abs().max() < 0.015
+    assert torch.allclose(logp, p.log()[token])
+    greedy, _ = sampler.pick(logits, sampler.Sampling(temperature=0.0), banned, torch.tensor(1), torch.tensor(0))
+    assert greedy.item() == 0
+
+
+def test_noise_is_uniform_and_seeded():
+    g = sampler.gumbel_noise(torch.tensor(3), torch.tensor(4), 64, 1000)
+    u = torch.exp(-torch.exp(-g))  # back to uniforms
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+    assert torch.equal(g, sampler.gumbel_noise(torch.tensor(3), torch.tensor(4), 64, 1000))
+    assert not torch.equal(g[0], g[1])  # rows draw differently
+    assert not torch.equal(g, sampler.gumbel_noise(torch.tensor(3), torch.tensor(5), 64, 1000))
+
+
+class FavourVisionTokens(torch.nn.Module):
+    # an lm_head whose favourite tokens are the vision tokens, by far
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.weight = head, head.weight
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        logits[..., BANNED] += 100.0
+        return logits
+
+
+def test_vision_tokens_are_never_sampled(pair, monkeypatch):
+    family, hf, ours = pair
+    assert sampler.vision_token_ids(ours.cfg) == sorted(set(BANNED + [IDS["vision_end_token_id"] + 1]))
+    monkeypatch.setattr(ours, "lm_head", FavourVisionTokens(ours.lm_head))
+    for t in (0.0, 1.0):
+        out = minivl.generate(ours, make_batch(family), max_new_tokens=6, temperature=t, seed=0)
+        assert not torch.isin(out.tokens, torch.tensor(BANNED)).any()
+        assert torch.isfinite(out.logprobs).all()
+
+
+@pytest.mark.skipif(not os.environ.get("MINIVL_TEST_COMPILE"), reason="torch.compile on a CPU takes minutes; "
+                    "set MINIVL_TEST_COMPILE=1")
+def test_compiled_step_equals_eager(tmp_path):
+    save_hf("qwen2_vl", tmp_path)
+    model = minivl.load(tmp_path)
+    batch, s = make_batch("qwen2_vl"), sampler.Sampling(0.8, 20, 0.9)
+    compiled = tuple(torch.compile(f, fullgraph=True) for f in (sampler.step_inputs, sampler.run_layer,
+                                                                sampler.step_outputs))
+    states = []
+    for parts in ((sampler.step_inputs, sampler.run_layer, sampler.step_outputs), compiled):
+        with torch.no_grad():
+            state = sampler.prefill(model, batch, 2, 6, s, [], 0, 3)
+            for _ in range(5):
+                sampler.decode_step(model, state, s, parts)
+        states.append(state)
+    assert torch.equal(states[0].tokens, states[1].tokens)
+    assert (states[0].logprobs - states[1].logprobs).abs().max() < 1e-5
+
+
+def test_command_line_streams_an_answer(tmp_path):
+    from minivl.demo import make_demo
+
+    paths = make_demo(tmp_path / "demo")
+    image = sorted(paths["images"].iterdir())[0]
+    run = subprocess.run([sys.executable, "-m", "minivl.generate", "--model", str(paths["model"]), "--image",
+                          str(image), "--prompt", "What colour is the shape?", "--max-new-tokens", "8"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "tokens" in run.stderr  # the summary line

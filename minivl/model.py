@@ -81,7 +81,10 @@ class VLModel(nn.Module):
 
     def _scatter(self, embeds, input_ids, token_id, pixels, grid_thw, name, trace):
         """Replace the embeddings of `token_id` positions with the vision features of `pixels`, in order."""
-        features, deepstack = self.model.visual(pixels.to(self.dtype), grid_thw, trace=trace)  # (M, D)
+        # a frozen tower runs without autograd: no graph and no saved activations (ms-swift PR #10214)
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.visual.parameters())
+        with torch.set_grad_enabled(trains):
+            features, deepstack = self.model.visual(pixels.to(self.dtype), grid_thw, trace=trace)  # (M, D)
         mask = input_ids == token_id  # (B, T)
         n_tokens = int(mask.sum())
         if n_tokens != features.shape[0]:

@@ -61,8 +61,11 @@ def mrope_cos_sin(position_ids, head_dim, theta, mrope_section, interleaved, dty
         owner[1 : 3 * mrope_section[1] : 3] = 1
         owner[2 : 3 * mrope_section[2] : 3] = 2
     else:
-        # a constant list, not repeat_interleave(tensor), whose data-dependent size breaks a compiled graph
-        owner = torch.tensor([r for r, n in enumerate(mrope_section) for _ in range(n)], device=freqs.device)
+        # slice fills: repeat_interleave has a data-dependent size that breaks a compiled graph, and
+        # torch.tensor(list, device=...) is a host-to-device copy that a CUDA graph cannot capture
+        t, h = mrope_section[0], mrope_section[1]
+        owner[t : t + h] = 1
+        owner[t + h :] = 2
     freqs = freqs.gather(0, owner.view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]  # (B, T, Dh/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, Dh)
     return emb.cos().to(dtype), signed_sin(emb.sin().to(dtype))

@@ -9,7 +9,9 @@ those sizes (Qwen2.5: 448 -> 32x32 patches of 14 px, 1024 -> 1036 -> 74x74; Qwen
     python benchmarks/bench_model.py                       # on a GPU: both models, prints a table
     python benchmarks/bench_model.py --device cpu --layers 1 --configs qwen2_5_vl_3b   # smoke test
 
-Timing: CUDA events around each call after warm-up, median of --repeats. Agreement: bf16 logits of the whole
+Timing: CUDA events around each call after warm-up, median of --repeats. The "compiled" columns time minivl again
+with `model.model.visual.compile_blocks()` (torch.compile of each vision block, dynamic shapes; the compile happens
+in the warm-up). Agreement: bf16 logits of the whole
 prefill, max |minivl - transformers| and the share of positions whose argmax agrees.
 """
 
@@ -113,19 +115,23 @@ def profile_vision(ours, pv, thw):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 
+def inputs(cfg, sizes, device):
+    grids = [grids_for(cfg.family, s) for s in sizes]
+    n = sum(t * h * w for t, h, w in grids)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    patch = 16 if cfg.family == "qwen3_vl" else 14
+    pv = torch.randn(n, 3 * 2 * patch**2, generator=g).to(device, torch.bfloat16)
+    ids = prompt(cfg, grids).to(device)
+    return pv, torch.tensor(grids, device=device), ids, (ids == cfg.image_token_id).int()
+
+
 def run(name, device, repeats, layers, cases, precision=False, profile=False, precision_rows=None):
+    """Per case: transformers and eager minivl; then the same cases with minivl's vision blocks compiled."""
     cfg, hf, ours = build(name, device, layers)
     params = sum(p.numel() for p in ours.parameters()) / 1e9
     rows = []
     for label, sizes in (CASES[c] for c in cases):
-        grids = [grids_for(cfg.family, s) for s in sizes]
-        n = sum(t * h * w for t, h, w in grids)
-        g = torch.Generator(device="cpu").manual_seed(1)
-        pv = torch.randn(n, 3 * 2 * (16 if cfg.family == "qwen3_vl" else 14) ** 2, generator=g).to(device,
-                                                                                                   torch.bfloat16)
-        thw = torch.tensor(grids, device=device)
-        ids = prompt(cfg, grids).to(device)
-        mm = (ids == cfg.image_token_id).int()
+        pv, thw, ids, mm = inputs(cfg, sizes, device)
         with torch.no_grad():
             t_vis_hf = timed(lambda: hf.model.visual(pv, grid_thw=thw), device, repeats)
             t_vis = timed(lambda: ours.model.visual(pv, thw), device, repeats)
@@ -136,11 +142,17 @@ def run(name, device, repeats, layers, cases, precision=False, profile=False, pr
             out = ours(ids, pixel_values=pv, image_grid_thw=thw).float()
         diff = (out - ref).abs().max().item()
         top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        rows.append((name, f"{params:.2f}B", label, n, ids.shape[1], t_vis_hf, t_vis, t_pre_hf, t_pre, diff, top1))
+        rows.append([name, f"{params:.2f}B", label, pv.shape[0], ids.shape[1], t_vis_hf, t_vis, t_pre_hf, t_pre, diff, top1])
         if precision and label == CASES["448"][0]:
             precision_rows.append(against_float32(name, hf, ours, ids, pv, thw, mm, out, ref))
         if profile and label == CASES["4x1024"][0]:
             profile_vision(ours, pv, thw)
+    ours.model.visual.compile_blocks()
+    for row, (label, sizes) in zip(rows, (CASES[c] for c in cases)):
+        pv, thw, ids, mm = inputs(cfg, sizes, device)
+        with torch.no_grad():
+            row += [timed(lambda: ours.model.visual(pv, thw), device, repeats, warmup=3),
+                    timed(lambda: ours(ids, pixel_values=pv, image_grid_thw=thw), device, repeats)]
     del hf, ours
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -166,12 +178,14 @@ def main():
     rows = [r for name in args.configs for r in run(name, args.device, args.repeats, args.layers, args.cases,
                                                     args.precision, args.profile, precision_rows)]
     head = ("model", "params", "images", "patches", "tokens", "vision HF ms", "vision ours ms", "speedup",
-            "prefill HF ms", "prefill ours ms", "speedup", "max|dlogit|", "top-1 agree")
+            "compiled ms", "speedup", "prefill HF ms", "prefill ours ms", "speedup", "compiled ms", "speedup",
+            "max|dlogit|", "top-1 agree")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for (name, params, label, n, T, vh, vo, ph, po, diff, top1) in rows:
-        print(f"| {name} | {params} | {label} | {n} | {T} | {vh:.1f} | {vo:.1f} | {vh / vo:.2f}x | {ph:.1f} | "
-              f"{po:.1f} | {ph / po:.2f}x | {diff:.3f} | {top1 * 100:.1f}% |")
+    for (name, params, label, n, T, vh, vo, ph, po, diff, top1, vc, pc) in rows:
+        print(f"| {name} | {params} | {label} | {n} | {T} | {vh:.1f} | {vo:.1f} | {vh / vo:.2f}x | {vc:.1f} | "
+              f"{vh / vc:.2f}x | {ph:.1f} | {po:.1f} | {ph / po:.2f}x | {pc:.1f} | {ph / pc:.2f}x | {diff:.3f} | "
+              f"{top1 * 100:.1f}% |")
     if precision_rows:
         print("\nbf16 logits against transformers in float32, one 448x448 image:")
         print("| model | minivl max abs err | minivl top-1 = fp32 | transformers max abs err | transformers top-1 = fp32 |")

@@ -43,3 +43,17 @@ def test_position_grid_taps_match_transformers():
     ours = (table[rows] * weights[..., None].double()).sum(1)
     ref = (table[idx] * wt[..., None].double()).sum(1)
     assert (ours - ref).abs().max() < 1e-6
+
+
+def test_compiled_blocks_equal_eager_blocks(tmp_path):
+    import minivl
+    from helpers import pixels, save_hf
+
+    save_hf("qwen2_5_vl", tmp_path)
+    tower = minivl.load(tmp_path).model.visual
+    pv, thw = pixels("qwen2_5_vl", [(1, 10, 14), (1, 8, 8)])  # partial windows: the padded, masked path
+    with torch.no_grad():
+        eager, _ = tower(pv, thw)
+        tower.compile_blocks()
+        compiled, _ = tower(pv, thw)
+    assert (compiled - eager).abs().max() < 1e-5

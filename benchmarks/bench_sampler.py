@@ -240,6 +240,9 @@ def bench_batch1(name, cfg, hf, ours, weights, bandwidth, device, args):
     if COMPILE:  # what compiling buys: the same step, eager kernels in the graph
         eager, _ = decode_time(ours, batch, 1, new, 0.0, device, compile=False)
         say(f"b=1  minivl decode without torch.compile (eager step in a CUDA graph): {1 / eager:.1f} tok/s")
+    if args.hf_recheck:  # transformers again, now that this process has compiled: does that slow it down?
+        _, t, _ = measure(lambda: hf_generate(hf, cfg, batch, args.hf_recheck, do_sample=False), device)
+        say(f"b=1  transformers again after minivl ran: {args.hf_recheck / t:.1f} tok/s over {args.hf_recheck}")
     prefix = common_prefix(out.tokens[0], hf_tokens[0])
     say(f"b=1  minivl: {new / t_ours:.1f} tok/s (first call, compiling: {t_first:.1f} s), decode {1 / step:.1f} "
         f"tok/s (step {step * 1e3:.2f} ms), TTFT {ttft * 1e3:.1f} ms, peak {peak / 2**30:.2f} GiB, greedy = "
@@ -329,6 +332,7 @@ def main():
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--hf-tokens", type=int, default=64, help="new tokens transformers is timed on at b=64")
     ap.add_argument("--check-tokens", type=int, default=24)
+    ap.add_argument("--hf-recheck", type=int, default=0, help="time transformers at b=1 again on this many tokens")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--runs", nargs="+", default=["b1", "b64"], choices=["b1", "b64"])

@@ -16,7 +16,6 @@ prefill, max |minivl - transformers| and the share of positions whose argmax agr
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,10 +24,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from minivl.config import Config  # noqa: E402
-from minivl.model import VLModel  # noqa: E402
+from common import published_config, shared_models  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def grids_for(family, size):
@@ -67,26 +64,7 @@ def timed(fn, device, repeats, warmup=2):
 
 
 def build(name, device, layers):
-    import transformers as tf
-
-    raw = json.load(open(os.path.join(HERE, "..", "tests", "configs", f"{name}.json")))
-    if layers:  # a smoke test: cut the decoder and the vision tower, keep the widths
-        raw.get("text_config", raw)["num_hidden_layers"] = layers
-        v = raw["vision_config"]
-        v["depth"] = layers + 1
-        v["fullatt_block_indexes"] = [layers] if "fullatt_block_indexes" in v else []
-        v["deepstack_visual_indexes"] = [0] if "deepstack_visual_indexes" in v else []
-    cfg = Config.from_dict(raw)
-    hf_cfg = tf.AutoConfig.for_model(**raw)
-    hf_cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = tf.AutoModelForImageTextToText.from_config(hf_cfg, dtype=torch.bfloat16).eval()
-    with torch.device("meta"):
-        ours = VLModel(cfg, init=False)
-    ours.load_state_dict(hf.state_dict(), strict=True, assign=True)  # the same tensors, shared
-    ours.tie_weights()
-    return cfg, hf, ours.eval()
+    return shared_models(published_config(name, layers), device)
 
 
 CASES = {"448": ("1 x 448^2", [448]), "4x1024": ("4 x 1024^2", [1024] * 4)}

@@ -40,10 +40,8 @@ import torch._inductor.config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from minivl import sampler  # noqa: E402
-from minivl.config import Config  # noqa: E402
-from minivl.model import VLModel  # noqa: E402
+from common import published_config, shared_models  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 LOG = []
 ARGS = None
 COMPILE = True
@@ -58,14 +56,9 @@ def say(*parts):
 # ------------------------------------------------------------------------------------------ models, inputs
 
 def load_raw(name, layers=0, tiny=False):
-    raw = json.load(open(os.path.join(HERE, "..", "tests", "configs", f"{name}.json")))
-    t, v = raw.get("text_config", raw), raw["vision_config"]
-    if layers:  # cut both towers, keep the widths
-        t["num_hidden_layers"] = layers
-        v["depth"] = layers + 1
-        v["fullatt_block_indexes"] = [layers] if "fullatt_block_indexes" in v else []
-        v["deepstack_visual_indexes"] = [0] if "deepstack_visual_indexes" in v else []
+    raw = published_config(name, layers)
     if tiny:  # --smoke: tiny widths, the real vocabulary (the token ids are the real ones)
+        t, v = raw.get("text_config", raw), raw["vision_config"]
         t.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
         rope = t.get("rope_scaling") or raw.get("rope_scaling")
         if "head_dim" in t:
@@ -75,22 +68,6 @@ def load_raw(name, layers=0, tiny=False):
             rope["mrope_section"] = [2, 3, 3]
         v.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
     return raw
-
-
-def build(raw, device, dtype):
-    import transformers as tf
-
-    cfg = Config.from_dict(raw)
-    hf_cfg = tf.AutoConfig.for_model(**raw)
-    hf_cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = tf.AutoModelForImageTextToText.from_config(hf_cfg, dtype=dtype).eval()
-    with torch.device("meta"):
-        ours = VLModel(cfg, init=False)
-    ours.load_state_dict(hf.state_dict(), strict=True, assign=True)  # the same tensors, shared
-    ours.tie_weights()
-    return cfg, hf, ours.eval()
 
 
 def make_batch(cfg, prompts, device, dtype, seed=0):
@@ -194,7 +171,7 @@ def check_float32(name, device, new_tokens):
     """Greedy tokens of minivl (compiled + CUDA graph on a GPU) and transformers, float32, 2 layers."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch._dynamo.reset()
-    cfg, hf, ours = build(load_raw(name, layers=2, tiny=ARGS.smoke), device, torch.float32)
+    cfg, hf, ours = shared_models(load_raw(name, layers=2, tiny=ARGS.smoke), device, torch.float32)
     batch = make_batch(cfg, 2, device, torch.float32, seed=1)
     with torch.no_grad():
         ref = hf_generate(hf, cfg, batch, new_tokens, do_sample=False)
@@ -287,7 +264,7 @@ def bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args):
 
 
 def bench_model(name, device, bandwidth, args):
-    cfg, hf, ours = build(load_raw(name, tiny=args.smoke), device, torch.bfloat16)
+    cfg, hf, ours = shared_models(load_raw(name, tiny=args.smoke), device, torch.bfloat16)
     weights = decoder_bytes(ours)
     params = sum(p.numel() for p in ours.parameters()) / 1e9
     say(f"\n## {name}: {params:.2f} B parameters, decoder weights read per token {weights / 1e9:.3f} GB, "

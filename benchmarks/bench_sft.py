@@ -20,7 +20,6 @@ same initial adapters (later minivl rows start from adapters the earlier rows tr
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -31,30 +30,15 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from minivl import lora  # noqa: E402
-from minivl.config import Config  # noqa: E402
-from minivl.model import VLModel  # noqa: E402
+from common import published_config, shared_models  # noqa: E402
 from train_sft import TokenLogprobs  # noqa: E402
 
 LLM_TARGETS = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 
 
 def build(layers, device, dtype):
-    import transformers as tf
-
-    raw = json.load(open(os.path.join(ROOT, "tests", "configs", "qwen2_5_vl_3b.json")))
-    if layers:  # smoke test: cut both towers, keep the widths
-        raw["num_hidden_layers"] = layers
-        raw["vision_config"].update(depth=layers + 1, fullatt_block_indexes=[layers])
-    cfg = Config.from_dict(raw)
-    hf_cfg = tf.AutoConfig.for_model(**raw)
-    hf_cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = tf.AutoModelForImageTextToText.from_config(hf_cfg, dtype=dtype).train()
-    with torch.device("meta"):
-        ours = VLModel(cfg, init=False)
-    ours.load_state_dict(hf.state_dict(), strict=True, assign=True)  # the same tensors, shared
-    ours.tie_weights()
+    cfg, hf, ours = shared_models(published_config("qwen2_5_vl_3b", layers), device, dtype)
+    hf.train()
     ours.requires_grad_(False)
     for p in hf.parameters():
         p.requires_grad_(False)  # shared with `ours`: both bases frozen

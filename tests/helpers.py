@@ -4,6 +4,8 @@ The checkpoints carry the tensor names transformers writes, so loading them is t
 downloaded model. Token ids are kept small (a 256-token vocabulary) so the checkpoints build in milliseconds.
 """
 
+import importlib
+import os
 import re
 
 import torch
@@ -104,3 +106,27 @@ def left_pad(rows, pad_id=0):
 def mm_token_type_ids(input_ids):
     """transformers 5 computes positions from token types (0 text, 1 image, 2 video)."""
     return (input_ids == IDS["image_token_id"]).int() + 2 * (input_ids == IDS["video_token_id"]).int()
+
+
+def import_interpreted(module_name, kernel_name):
+    """A kernels module whose @triton.jit functions were decorated under TRITON_INTERPRET=1 (the flag must be set
+    when the decorators run), so they run on CPU tensors; the variable is restored afterwards, and the tests that
+    launch kernels set it again through the `triton_cpu` fixture."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.import_module(module_name)
+        if type(getattr(module, kernel_name)).__name__ != "InterpretedFunction":  # imported earlier without it
+            module = importlib.reload(module)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    return module
+
+
+def fresh_generator():
+    """A generator with a fresh seed from the OS, returned too so that a failure can print it."""
+    seed = int.from_bytes(os.urandom(6), "little")
+    return torch.Generator().manual_seed(seed), seed

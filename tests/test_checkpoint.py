@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import minivl
 from minivl.checkpoint import read_config
-from helpers import hf_model, mm_token_type_ids, pixels, save_hf, text, vision_block
+from helpers import mm_token_type_ids, pixels, save_hf, text, vision_block
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 

@@ -18,35 +18,14 @@ Tolerances (what the dtype allows):
   `test_a_wrong_kernel_fails_the_checks` shows that the checks fail then.
 Run: python -m pytest tests/test_kernels_logprobs.py -q
 """
-import importlib
-import os
 
-_interpret_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # must be set when the @triton.jit decorators run
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import kernels
+from helpers import fresh_generator, import_interpreted
 
-import kernels  # noqa: E402
-import kernels.logprobs as KL  # noqa: E402
-
-if type(KL._rows_fwd_kernel).__name__ != "InterpretedFunction":  # imported earlier without the interpreter
-    KL = importlib.reload(KL)
-if _interpret_before is None:  # tests that need it set it again through the `triton_cpu` fixture
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _interpret_before
-
-
-@pytest.fixture
-def triton_cpu(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("MINIVL_KERNELS", "triton")
-
-
-def fresh_generator():
-    seed = int.from_bytes(os.urandom(6), "little")
-    return torch.Generator().manual_seed(seed), seed
+KL = import_interpreted("kernels.logprobs", "_rows_fwd_kernel")
 
 
 def check(actual, expected, what, seed, dtype, kind):

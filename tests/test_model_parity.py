@@ -12,16 +12,7 @@ import minivl
 from helpers import (IDS, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text,
                      vision_block)
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def pair(request, tmp_path_factory):
-    family = request.param
-    directory = tmp_path_factory.mktemp(family)
-    hf = save_hf(family, directory)
-    return family, hf, minivl.load(directory)
 
 
 def grids_for(family):

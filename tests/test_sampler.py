@@ -17,17 +17,8 @@ import minivl
 from helpers import IDS, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text, vision_block
 from minivl import sampler
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 BANNED = [IDS["vision_start_token_id"], IDS["vision_end_token_id"], IDS["image_token_id"], IDS["video_token_id"]]
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def pair(request, tmp_path_factory):
-    family = request.param
-    directory = tmp_path_factory.mktemp(family)
-    hf = save_hf(family, directory)
-    return family, hf, minivl.load(directory)
 
 
 def make_batch(family, repeat=1):

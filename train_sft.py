@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import minivl
-from kernels.logprobs import linear_token_logprobs
-from minivl import data, lora
+from minivl import data, lora  # first: minivl.lora checks that `kernels` is minivl's
+from kernels.logprobs import linear_token_logprobs  # noqa: I001
 from minivl.processor import IGNORE_INDEX, PROCESSOR_FILES
 
 # ----------------------------------------------------------------------------------------------- arguments

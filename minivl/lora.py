@@ -38,7 +38,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kernels.lora import lora_linear
+import kernels
+
+if getattr(kernels, "MINIVL_KERNELS", False) is not True:  # Hugging Face's hub package has the same import name
+    raise ImportError(f"`import kernels` found {getattr(kernels, '__file__', kernels)}, not minivl's kernels/ "
+                      "package: `pip uninstall kernels` (Hugging Face's hub kernels), or put the minivl checkout "
+                      "first on sys.path")
+from kernels.lora import lora_linear  # noqa: E402
 
 from .checkpoint import file_to_module_name, module_to_file_name
 from .config import ARCHITECTURES

@@ -126,3 +126,15 @@ def test_dropout_path_matches_fused_in_eval():
     layer.train()
     torch.manual_seed(1)
     assert (layer(x) - expected).abs().max() > 1e-3                          # dropout acts in training
+
+
+def test_a_foreign_kernels_package_is_named(tmp_path):
+    # Hugging Face's hub package is also imported as `kernels`; if it shadows ours, say so and what to do
+    import subprocess
+    import sys
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    run = subprocess.run([sys.executable, "-c", "import minivl.lora"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert run.returncode != 0 and "pip uninstall kernels" in run.stderr, run.stderr[-2000:]

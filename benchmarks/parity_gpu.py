@@ -35,19 +35,11 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 from minivl import demo  # noqa: E402
-from minivl.processor import CLIP_MEAN, CLIP_STD  # noqa: E402
+from processor_helpers import PREPROCESSOR  # noqa: E402  (the published preprocessor configs)
 
 QWEN_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; the other added tokens follow in demo.SPECIAL_TOKENS order
-PREPROCESSOR = {  # the published files (facts §5.2)
-    "qwen2_5_vl": {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-                   "merge_size": 2, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
-                   "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"},
-    "qwen3_vl": {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-                 "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
-                 "image_std": [0.5, 0.5, 0.5], "image_processor_type": "Qwen2VLImageProcessorFast",
-                 "processor_class": "Qwen3VLProcessor"},
-}
 
 
 def qwen_tokenizer():

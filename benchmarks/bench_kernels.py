@@ -175,6 +175,27 @@ def sweep_logprobs(hidden, weight, targets, up):
     RESULTS["logprob_configs"] = dict(fwd=best[1], bwd=bestb[1])
 
 
+def sweep_jacobian(hidden, weight, targets, up, mem_naive):
+    # the frozen-head training path: chunk size C trades GEMM efficiency (M = C rows) against memory
+    say("sweep, linear_token_logprobs frozen-head fwd+bwd (H=%d): jac_chunk_bytes -> ms, extra peak"
+        % hidden.shape[1])
+    tried = []
+    for mib in (112, 224, 448):
+        KLP.CONFIG["jac_chunk_bytes"] = mib * 2**20
+
+        def fb():
+            KLP.linear_token_logprobs(hidden, weight, targets).backward(up)
+        hidden.grad = None
+        mem = peak_extra(fb)
+        t = bench(fb, warmup=50, rep=300, grad_to_none=[hidden])
+        say(f"   {mib} MiB: {t:.2f} ms, {mem / 2**20:.0f} MiB extra ({mem / mem_naive:.4f} of naive)")
+        tried.append((mem > 0.02 * mem_naive, t, mib))  # within the 2% budget first, then the fastest
+    best = min(tried)[2]
+    KLP.CONFIG["jac_chunk_bytes"] = best * 2**20
+    say(f"   chosen: {best} MiB")
+    RESULTS.setdefault("jac_chunk_MiB", {})[hidden.shape[1]] = best
+
+
 def sweep_rows(logits, targets):
     say("sweep, token_logprobs forward (BLOCK_V, num_warps): ms")
     best = None
@@ -234,6 +255,9 @@ def run_logprobs(args, bw, tflops):
         hidden.grad = None
 
         mem_naive = peak_extra(naive_fb)
+        hidden.grad = None
+        if args.sweep_jacobian:
+            sweep_jacobian(hidden, weight, targets, up, mem_naive)
         hidden.grad = None
         mem_fused = peak_extra(fused_fb)
         hidden.grad = None
@@ -436,6 +460,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-logprobs", action="store_true", help="tile configs of linear_token_logprobs")
     ap.add_argument("--sweep-rows", action="store_true", help="block sizes of token_logprobs")
+    ap.add_argument("--sweep-jacobian", action="store_true", help="chunk sizes of the frozen-head path")
     ap.add_argument("--only", choices=["logprobs", "lora"])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1, "

@@ -16,13 +16,20 @@ Triton path (the `*_reference` twins below are the plain-PyTorch definition, use
 - token_logprobs: one program per row streams the row once with an online max / sum-exp in float32 (base 2,
   so exp2 and the 1/T scale fold into one multiply) and saves only the row's log-sum-exp. Backward reads the
   logits once more and writes dlogits = g * (onehot - softmax) / T from that saved log-sum-exp.
-- linear_token_logprobs forward: one kernel tiles (BM tokens) x (BV vocab); each logit tile is a matmul of a
-  hidden block and a weight block held in registers, folded into running (max, sum-exp, sum p*z, target z)
-  per row, and dropped. Programs split the vocabulary; their per-row stats (S x N) are merged in PyTorch.
-  Saved for backward: hidden, weight, targets and two floats per token.
-- linear_token_logprobs backward: per chunk of C tokens a kernel recomputes each logit tile and writes dlogits
-  (C x V in the weight dtype: the one tile our memory budget allows, ~150 MB), then cuBLAS does
-  grad_hidden[chunk] = dlogits @ weight, and grad_weight += dlogits^T @ hidden[chunk] only if the head trains.
+- linear_token_logprobs has two forwards, picked by what the caller will differentiate:
+  * no gradient, or a trained head (full fine-tuning): one kernel tiles (BM tokens) x (BV vocab); each logit
+    tile is a matmul of a hidden block and a weight block held in registers, folded into running (max,
+    sum-exp, sum p*z, target z) per row, and dropped. Programs split the vocabulary; their per-row stats
+    (S x N) are merged in PyTorch. Saved for backward: hidden, weight, targets and two floats per token.
+    Backward, per chunk of C tokens: a kernel recomputes each logit tile and writes dlogits (C x V in the
+    weight dtype, ~150 MB), then cuBLAS does grad_hidden[chunk] = dlogits @ weight and, if the head trains,
+    grad_weight += dlogits^T @ hidden[chunk]. 6NHV of matmul work.
+  * hidden requires grad and the head is frozen (LoRA, GRPO, DPO: the usual case): a log-prob is one number
+    per token, so its gradient is grad_logp * J with J = d logp / d hidden = ((onehot - p) / T) @ weight,
+    (N, H), computable in the forward. Per chunk of C tokens: cuBLAS writes the logits (C x V) in float32, a
+    row kernel (the token_logprobs one) takes lse, another writes (onehot - p) / T, cuBLAS multiplies by the
+    weight. Backward scales J's rows. 4NHV of cuBLAS GEMMs; memory: the chunk (C x V, float32 + bf16) and J.
+    If the entropy's gradient is asked for after all, backward falls back to the recompute above.
   A fully fused backward would need a (BM x H) gradient accumulator per program, too large for registers at
   H = 2048..3584; cuBLAS on one chunk keeps the reduction over the vocabulary inside one float32 GEMM.
 
@@ -54,6 +61,7 @@ CONFIG = {
     "linear_fwd": dict(BM=128, BV=256, BK=64, GROUP_M=16, num_warps=8, num_stages=3),
     "linear_bwd": dict(BM=128, BV=256, BK=64, GROUP_M=4, num_warps=8, num_stages=4),
     "bwd_chunk_bytes": 160 * 2**20,  # size of one dlogits chunk (C x V); C is a multiple of BM
+    "jac_chunk_bytes": 224 * 2**20,  # float32 logits + dlogits of one forward chunk (C x V each), frozen head
     "waves": 16,  # forward programs = waves x SMs (when S allows): whole waves, so no SM idles in the tail
 }
 INTERPRET_CONFIG = {
@@ -62,6 +70,7 @@ INTERPRET_CONFIG = {
     "linear_fwd": dict(BM=16, BV=32, BK=16, GROUP_M=2, num_warps=4, num_stages=1),
     "linear_bwd": dict(BM=16, BV=32, BK=16, GROUP_M=2, num_warps=4, num_stages=1),
     "bwd_chunk_bytes": 8 * 1024,  # a few rows per chunk, so the tests cross chunk boundaries
+    "jac_chunk_bytes": 16 * 1024,
     "waves": 4,
 }
 
@@ -106,9 +115,10 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _rows_fwd_kernel(x_ptr, tgt_ptr, logp_ptr, lse_ptr, V, stride_x, scale2,
-                         BLOCK_V: tl.constexpr):
-        # one row of logits per program; scale2 = log2(e) / T, so z2 = x * scale2 is z in base-2 units
+    def _rows_fwd_kernel(x_ptr, tgt_ptr, logp_ptr, lse_ptr, ez_ptr, V, stride_x, scale2,
+                         BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
+        # one row of logits per program; scale2 = log2(e) / T, so z2 = x * scale2 is z in base-2 units.
+        # ENTROPY: also E_p[z / T] (natural units), from a running sum of p * z2 rescaled like s
         row = tl.program_id(0).to(tl.int64)
         tgt = tl.load(tgt_ptr + row)
         active = tgt != -100
@@ -117,18 +127,25 @@ if triton_available():
         cols0 = tl.arange(0, BLOCK_V)
         m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # running max (a scalar)
         s = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)                  # running sum of exp2(z2 - m)
+        pz = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)                 # running sum of exp2(z2 - m) * z2
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             z = tl.load(x_row + cols, mask=cols < v_end, other=float("-inf")).to(tl.float32) * scale2
             z = tl.where(active, z, 0.0)
             m_new = tl.maximum(m, tl.max(z, 0))
-            s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new), 0)
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(z - m_new)
+            s = s * alpha + tl.sum(p, 0)
+            if ENTROPY:
+                pz = pz * alpha + tl.sum(p * tl.where(cols < v_end, z, 0.0), 0)  # no 0 * -inf
             m = m_new
         lse2 = m + tl.log2(s)
         z_t = tl.load(x_row + tl.where(active, tgt, 0)).to(tl.float32) * scale2
         logp = tl.minimum((z_t - lse2) * 0.6931471805599453, 0.0)
         tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
         tl.store(lse_ptr + row, lse2)
+        if ENTROPY:
+            tl.store(ez_ptr + row, pz / s * 0.6931471805599453)
 
     @triton.jit
     def _rows_bwd_kernel(x_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr, V, stride_x, stride_dx, scale2, inv_temp,
@@ -285,8 +302,8 @@ class _TokenLogprobs(torch.autograd.Function):
         lse2 = torch.empty(N, device=x.device, dtype=torch.float32)
         if N:
             cfg = _config(x.device)["rows_fwd"]
-            _rows_fwd_kernel[(N,)](x, t, logp, lse2, V, x.stride(0), LOG2E / temperature,
-                                   BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"])
+            _rows_fwd_kernel[(N,)](x, t, logp, lse2, lse2, V, x.stride(0), LOG2E / temperature,
+                                   BLOCK_V=cfg["BLOCK_V"], ENTROPY=False, num_warps=cfg["num_warps"])
         ctx.save_for_backward(x, t, lse2)
         ctx.temperature = temperature
         ctx.shape = logits.shape
@@ -332,42 +349,91 @@ def _splits(N, V, cfg, device):
     return triton.cdiv(n_tiles, per), per
 
 
+def _fused_stats(h, w, t, temperature, return_entropy):
+    """The no-materialisation forward: (lse2, logp, E_p[z] or None) per row from the Triton tile kernel."""
+    N, H = h.shape
+    V = w.shape[0]
+    cfg = _config(h.device)
+    c = cfg["linear_fwd"]
+    S, per = _splits(N, V, cfg, h.device)
+    stats = torch.empty(4 if return_entropy else 3, S, N, device=h.device, dtype=torch.float32)
+    if N:
+        grid = (triton.cdiv(N, c["BM"]) * S,)
+        _linear_fwd_kernel[grid](h, w, t, stats, N, V, H, h.stride(0), w.stride(0), LOG2E / temperature,
+                                 S, per, BM=c["BM"], BV=c["BV"], BK=c["BK"], GROUP_M=c["GROUP_M"],
+                                 EVEN_K=H % c["BK"] == 0, ENTROPY=return_entropy, PREC=_prec(h.dtype),
+                                 DOT_F32=_dot_f32(h.device),
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"])
+    # merge the S partial online-softmax states per row (all (S, N) -> (N,)); base-2 units until the end
+    m = stats[0]
+    M = m.max(0).values
+    r = torch.exp2(m - M)                                                  # (S, N) rescale of each split
+    sumexp = (stats[1] * r).sum(0)
+    lse2 = M + torch.log2(sumexp)
+    logp = ((stats[2].sum(0) - lse2) * LN2).clamp(max=0.0)
+    ez = (stats[3] * r).sum(0) / sumexp * LN2 if return_entropy else None  # E_p[z] in natural units
+    return lse2, logp, ez
+
+
+def _logits_f32(h, w, out):
+    # (C, H) @ (V, H)^T -> (C, V), accumulated and kept in float32 (bf16 logits would cost ~1e-2 of logp)
+    if h.is_cuda:
+        return torch.mm(h, w.t(), out_dtype=torch.float32, out=out)
+    return torch.mm(h.float(), w.float().t(), out=out)  # the interpreter tests on the CPU
+
+
+def _jacobian_stats(h, w, t, temperature, return_entropy):
+    """The frozen-head training forward: statistics as above plus J = d logp / d hidden (N, H).
+
+    logp of a token is a scalar, so its gradient is grad_logp * J: backward only scales rows. Per chunk of C
+    tokens: cuBLAS writes the logits (C, V) in float32, one row kernel takes lse (and E_p[z]), another writes
+    dlogits = (onehot - p) / T, cuBLAS multiplies by the weight. 4NHV of cuBLAS GEMMs instead of the 6NHV of
+    forward + recompute + backward, for (C, V) of float32 + weight dtype and J (N, H) of memory."""
+    N, H = h.shape
+    V = w.shape[0]
+    cfg = _config(h.device)
+    C = max(16, min(N, cfg["jac_chunk_bytes"] // (V * (4 + w.element_size())) // 16 * 16))
+    lse2 = torch.empty(N, device=h.device, dtype=torch.float32)
+    logp = torch.empty(N, device=h.device, dtype=torch.float32)
+    ez = torch.empty(N, device=h.device, dtype=torch.float32) if return_entropy else None
+    jac = torch.empty(N, H, device=h.device, dtype=w.dtype)
+    z = torch.empty(C, V, device=h.device, dtype=torch.float32)           # (C, V) logits of one chunk
+    d = torch.empty(C, V, device=h.device, dtype=w.dtype)                 # (C, V) their dlogp / dlogits
+    ones = torch.ones(C, device=h.device, dtype=torch.float32)
+    rf, rb = cfg["rows_fwd"], cfg["rows_bwd"]
+    for r0 in range(0, N, C):
+        r1 = min(r0 + C, N)
+        n = r1 - r0
+        zc, dc = z[:n], d[:n]
+        _logits_f32(h[r0:r1], w, zc)
+        _rows_fwd_kernel[(n,)](zc, t[r0:r1], logp[r0:r1], lse2[r0:r1], ez[r0:r1] if return_entropy else logp,
+                               V, zc.stride(0), LOG2E / temperature, BLOCK_V=rf["BLOCK_V"],
+                               ENTROPY=return_entropy, num_warps=rf["num_warps"])
+        _rows_bwd_kernel[(n,)](zc, t[r0:r1], lse2[r0:r1], ones, dc, V, zc.stride(0), dc.stride(0),
+                               LOG2E / temperature, 1.0 / temperature, BLOCK_V=rb["BLOCK_V"],
+                               num_warps=rb["num_warps"])
+        torch.mm(dc, w, out=jac[r0:r1])                                    # (C, V) @ (V, H) -> (C, H)
+    return lse2, logp, ez, jac
+
+
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, return_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, return_entropy, jacobian):
         H = hidden.shape[-1]
-        V = weight.shape[0]
         h = hidden.reshape(-1, H)                                          # (N, H)
         if h.dtype != weight.dtype:
             h = h.to(weight.dtype)
         h = h.contiguous()
         w = weight.contiguous()                                            # (V, H)
         t = targets.reshape(-1).contiguous()                               # (N,)
-        N = h.shape[0]
-        cfg = _config(h.device)
-        c = cfg["linear_fwd"]
-        S, per = _splits(N, V, cfg, h.device)
-        stats = torch.empty(4 if return_entropy else 3, S, N, device=h.device, dtype=torch.float32)
-        if N:
-            grid = (triton.cdiv(N, c["BM"]) * S,)
-            _linear_fwd_kernel[grid](h, w, t, stats, N, V, H, h.stride(0), w.stride(0), LOG2E / temperature,
-                                     S, per, BM=c["BM"], BV=c["BV"], BK=c["BK"], GROUP_M=c["GROUP_M"],
-                                     EVEN_K=H % c["BK"] == 0, ENTROPY=return_entropy, PREC=_prec(h.dtype),
-                                     DOT_F32=_dot_f32(h.device),
-                                     num_warps=c["num_warps"], num_stages=c["num_stages"])
-        # merge the S partial online-softmax states per row (all (S, N) -> (N,)); base-2 units until the end
-        m = stats[0]
-        M = m.max(0).values
-        r = torch.exp2(m - M)                                              # (S, N) rescale of each split
-        sumexp = (stats[1] * r).sum(0)
-        lse2 = M + torch.log2(sumexp)
+        if jacobian:
+            lse2, logp, ez, jac = _jacobian_stats(h, w, t, temperature, return_entropy)
+        else:
+            (lse2, logp, ez), jac = _fused_stats(h, w, t, temperature, return_entropy), None
         active = t != IGNORE
-        logp = torch.where(active, ((stats[2].sum(0) - lse2) * LN2).clamp(max=0.0), 0.0)
-        ez = entropy = None
-        if return_entropy:
-            ez = (stats[3] * r).sum(0) / sumexp * LN2                      # E_p[z] in natural units
-            entropy = torch.where(active, lse2 * LN2 - ez, 0.0)
-        ctx.save_for_backward(h, w, t, lse2, ez)
+        logp = torch.where(active, logp, 0.0)
+        entropy = torch.where(active, lse2 * LN2 - ez, 0.0) if return_entropy else None
+        ctx.save_for_backward(h, w, t, lse2, ez, jac)
         ctx.temperature = temperature
         ctx.return_entropy = return_entropy
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
@@ -379,7 +445,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
-        h, w, t, lse2, ez = ctx.saved_tensors
+        h, w, t, lse2, ez, jac = ctx.saved_tensors
         N, H = h.shape
         V = w.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -387,6 +453,10 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         zeros = torch.zeros(N, device=h.device, dtype=torch.float32)
         g = zeros if grad_logp is None else torch.where(active, grad_logp.reshape(-1).float(), 0.0)
         entropy = ctx.return_entropy and grad_entropy is not None
+        if jac is not None and not entropy and not need_w:
+            # the forward kept d logp / d hidden: scale its rows (in float32, rounded once to jac's dtype)
+            grad_h = torch.mul(jac, g[:, None], out=torch.empty_like(jac))   # (N, H)
+            return grad_h.view(ctx.hidden_shape).to(ctx.hidden_dtype), None, None, None, None, None
         ge = torch.where(active, grad_entropy.reshape(-1).float(), 0.0) if entropy else zeros
         # lse2 of a skipped (all-padding) row block is NaN: the kernel masks those rows, keep it finite anyway
         lse2 = torch.nan_to_num(lse2)
@@ -418,12 +488,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             grad_h = grad_h.view(ctx.hidden_shape).to(ctx.hidden_dtype)
         if need_w:
             grad_w = grad_w.to(w.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
     """Log-probs (and optionally entropies) of targets under softmax(hidden @ weight^T / temperature),
     without materialising the logits. float32, <= 0; targets -100 give 0 and no gradient."""
     if use_triton(hidden, weight):
-        return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), bool(return_entropy))
+        # a frozen head in training (LoRA, GRPO): take d logp / d hidden in the forward pass (4NHV, not 6NHV)
+        jacobian = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+        return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), bool(return_entropy),
+                                          jacobian)
     return linear_token_logprobs_reference(hidden, weight, targets, temperature, return_entropy)

@@ -126,21 +126,28 @@ def test_linear_token_logprobs_matches_float64(triton_cpu, case, temperature, dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_token_logprobs_without_entropy(triton_cpu, dtype):
-    # the plain call (no entropy, the GRPO/DPO hot path) and a frozen head with hidden of shape (B, T, H)
+@pytest.mark.parametrize("entropy", [False, True])
+def test_linear_token_logprobs_frozen_head(triton_cpu, dtype, entropy):
+    # the GRPO/DPO hot path: a frozen head, hidden (B, T, H), gradient of logp only (the entropy, if asked
+    # for, is logged): the forward takes d logp / d hidden across several chunks, backward scales its rows
     g, seed = fresh_generator()
     hidden = torch.randn(3, 7, 56, generator=g).to(dtype).requires_grad_(True)
     weight = (torch.randn(157, 56, generator=g) * 0.3).to(dtype)
     t = make_targets((3, 7), 157, g, "some")
     up = torch.randn(3, 7, generator=g)
-    logp = KL.linear_token_logprobs(hidden, weight, t, 1.3)
+    out = KL.linear_token_logprobs(hidden, weight, t, 1.3, return_entropy=entropy)
+    logp = out[0] if entropy else out
     (logp * up).sum().backward()
     h64 = hidden.detach().double().requires_grad_(True)
-    ref, _ = logprobs_f64(h64 @ weight.double().t(), t, 1.3)
+    ref, ref_ent = logprobs_f64(h64 @ weight.double().t(), t, 1.3)
     (ref * up.double()).sum().backward()
     assert (logp <= 0).all()
     check(logp, ref, "logp", seed, dtype, "logp")
+    if entropy:
+        check(out[1], ref_ent, "entropy", seed, dtype, "logp")
     check(hidden.grad, h64.grad, "dhidden", seed, dtype, "grad")
+    with torch.no_grad():  # the no-grad forward is the other kernel (no logits at all): same values
+        check(KL.linear_token_logprobs(hidden, weight, t, 1.3), ref, "logp no-grad", seed, dtype, "logp")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

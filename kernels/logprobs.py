@@ -34,8 +34,8 @@ Triton path (the `*_reference` twins below are the plain-PyTorch definition, use
   H = 2048..3584; cuBLAS on one chunk keeps the reduction over the vocabulary inside one float32 GEMM.
 
 Measured (H100, N = 8192, V = 151,936, bf16, benchmarks/NOTES_kernels.md): fwd+bwd with a frozen head takes
-181 / 205 MiB extra (1.1-1.2% of the naive path's 16.2 GiB) and 0.81x / 1.12x the naive time at H = 2048 / 3584
-(~550 TFLOP/s on 6NHV); token_logprobs' forward runs at the speed of one read of the logits.
+255 / 279 MiB extra (1.5-1.7% of the naive path's 16.2 GiB) and 0.67x / 0.81x the naive time at H = 2048 / 3584;
+the no-grad forward 5 MiB and 0.56x / 0.75x; token_logprobs' forward runs at the speed of one read of the logits.
 
 Legend: N tokens (leading dims flattened), V vocabulary, H hidden, C tokens per backward chunk, S vocab splits,
 BM / BV / BK tile sizes over tokens / vocabulary / hidden.

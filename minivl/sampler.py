@@ -17,7 +17,8 @@ How it runs:
      samples the next one. All state (cache, last token, slot, finished rows, outputs) lives in tensors updated
      in place, so on CUDA the step is compiled (torch.compile fuses the small ops) and captured once as a CUDA
      graph: a step is one graph replay, with no host work and no sync. The host only asks "all rows finished?"
-     every `check_every` steps. On the CPU the same step runs eagerly.
+     every `check_every` steps. On the CPU the same step runs eagerly. How the step is built (SDPA or written-out
+     attention, fused projections, inductor's tuning) is a DecodeOptions; benchmarks/profile_decode.py times each.
   4. Sampling without a host sync: Gumbel-max (argmax of log p + Gumbel noise, the exponential race of
      gpt-fast). The noise is a counter-based hash of (seed, step, row, token), so a seed gives the same tokens
      on every device, eager or compiled, and the CUDA graph needs no generator state.
@@ -37,11 +38,14 @@ V vocabulary, L generated length.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .rope import get_rope_index
-from .text import KVCache, mrope_cos_sin
+from .text import MLP, KVCache, attention, decode_attention, mrope_cos_sin
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -51,6 +55,30 @@ class Sampling:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = all tokens
     top_p: float = 1.0  # 1 = all tokens
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the decode step is built. Each is timed against the weight-bandwidth floor, with a per-kernel profile,
+    by benchmarks/profile_decode.py (results: benchmarks/NOTES_sampler.md)."""
+    attention: str = "sdpa"  # or "math": text.decode_attention, the T = 1 attention written out for inductor
+    fuse: tuple = ()  # ("qkv", "gate_up"): projections that read the same input as one matmul (fuse_weights)
+    coordinate_descent: bool = False  # inductor's coordinate_descent_tuning (gpt-fast): one-row matmuls become
+    # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm)
+
+    def __post_init__(self):
+        if self.attention not in ("sdpa", "math") or not set(self.fuse) <= {"qkv", "gate_up"}:
+            raise ValueError(f"unknown decode options {self}")
+
+
+DECODE = DecodeOptions()  # what generate uses unless given decode=
+
+
+class Fused(NamedTuple):
+    """One decoder layer's projections that read the same input, as one weight each (None: not fused)."""
+    qkv: torch.Tensor = None  # ((H + 2K) * Dh, D): q_proj, k_proj, v_proj weights stacked in that order
+    qkv_bias: torch.Tensor = None  # ((H + 2K) * Dh,): Qwen2/2.5's biases
+    gate_up: torch.Tensor = None  # (2I, D): gate_proj over up_proj
 
 
 @dataclass
@@ -78,6 +106,8 @@ class DecodeState:
     eos: torch.Tensor  # (ne,) token ids that end a row
     seed: torch.Tensor  # () int64
     pad_id: int
+    decode: DecodeOptions
+    fused: list  # one Fused per decoder layer, made for this call from the live weights
 
     def small_tensors(self):
         return [self.cache.positions, self.token, self.step, self.done, self.lengths, self.tokens, self.logprobs]
@@ -163,8 +193,33 @@ def record(state, logits, sampling):
 
 # --------------------------------------------------------------------------------------- prefill, decode
 
-def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed):
-    """Run the prompts once, copy their cache n times, sample the first token -> DecodeState."""
+def fuse_weights(model, groups):
+    """One Fused per decoder layer: the groups named in `groups` ("qkv", "gate_up") stacked into one weight.
+
+    At one token per row each projection is a matrix-vector product, bound by latency more than by bandwidth
+    when small (k and v are 2048 x 256 at Qwen2.5-VL-3B): fewer, larger ones stream closer to the bandwidth.
+    The copies are made from the live parameters at every generate call, since a trainer changes them between
+    calls; they cost memory for that call (both groups: about the decoder's weights once more). A group stays
+    unfused where its projections are not plain nn.Linear (LoRA adapters) or the MLP is a MoE block.
+    """
+    fused = []
+    for layer in model.model.language_model.layers:
+        attn, mlp, parts = layer.self_attn, layer.mlp, {}
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if "qkv" in groups and all(type(m) is nn.Linear for m in qkv):
+            parts["qkv"] = torch.cat([m.weight for m in qkv])  # ((H + 2K) * Dh, D)
+            if attn.q_proj.bias is not None:
+                parts["qkv_bias"] = torch.cat([m.bias for m in qkv])
+        gate_up = (mlp.gate_proj, mlp.up_proj) if type(mlp) is MLP else ()
+        if "gate_up" in groups and gate_up and all(type(m) is nn.Linear for m in gate_up):
+            parts["gate_up"] = torch.cat([m.weight for m in gate_up])  # (2I, D)
+        fused.append(Fused(**parts))
+    return fused
+
+
+def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed, decode=DECODE):
+    """Run the prompts once, copy their cache n times, sample the first token -> DecodeState (which also holds
+    the decode options and the fused weights they ask for)."""
     cfg, text_cfg, device, n = model.cfg, model.cfg.text, model.device, num_return_sequences
     input_ids = batch["input_ids"].to(device)
     B, T0 = input_ids.shape
@@ -198,7 +253,7 @@ def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, p
         logprobs=torch.zeros(N, max_new_tokens, device=device),
         logits=torch.zeros(N, text_cfg.vocab_size, device=device),
         banned=torch.tensor(vision_token_ids(cfg), **i64), eos=torch.tensor(eos, **i64),
-        seed=torch.tensor(seed, **i64), pad_id=pad_id)
+        seed=torch.tensor(seed, **i64), pad_id=pad_id, decode=decode, fused=fuse_weights(model, decode.fuse))
     record(state, logits.repeat_interleave(n, dim=0), sampling)
     return state
 
@@ -227,8 +282,28 @@ def step_inputs(text, state):
     return x, cos, sin, mask[:, None, None, :]
 
 
-def run_layer(layer, x, cos, sin, mask, layer_cache):
-    return layer(x, cos, sin, mask, layer_cache)
+def linear(x, weight, bias=None):
+    # the bias added apart: under coordinate-descent tuning inductor turns a one-row mm into a Triton reduction
+    # (and fuses this add into it), but it leaves addmm, the linear with a bias, to cuBLAS
+    y = F.linear(x, weight)
+    return y if bias is None else y + bias
+
+
+def run_layer(layer, x, cos, sin, mask, layer_cache, fused, attention_fn):
+    """DecoderLayer.forward for the decode step: with `fused` weights, q/k/v and gate/up are one matmul each."""
+    attn, mlp = layer.self_attn, layer.mlp
+    h = layer.input_layernorm(x)  # (N, 1, D)
+    if fused.qkv is None:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    else:
+        sizes = [attn.num_heads * attn.head_dim] + [attn.num_kv_heads * attn.head_dim] * 2
+        q, k, v = linear(h, fused.qkv, fused.qkv_bias).split(sizes, dim=-1)  # (N, 1, H*Dh), (N, 1, K*Dh) x 2
+    x = x + attn.attend(q, k, v, cos, sin, mask, layer_cache, attention_fn)
+    h = layer.post_attention_layernorm(x)
+    if fused.gate_up is None:
+        return x + mlp(h)
+    gate, up = linear(h, fused.gate_up).chunk(2, dim=-1)  # (N, 1, I) each
+    return x + mlp.down_proj(F.silu(gate) * up)
 
 
 def step_outputs(model, state, x, sampling):
@@ -237,31 +312,42 @@ def step_outputs(model, state, x, sampling):
     state.cache.positions.add_(1)
 
 
-def decode_step(model, state, sampling, parts=(step_inputs, run_layer, step_outputs)):
+PARTS = (step_inputs, run_layer, step_outputs)
+
+
+def decode_step(model, state, sampling, parts=PARTS):
     """Feed every row's last token at slot cache.positions and sample the next one, in place: TextModel.forward
     for one text token per row. parts: the three functions above, or their compiled versions."""
     begin, layer_fn, end = parts
     text = model.model.language_model
+    attention_fn = decode_attention if state.decode.attention == "math" else attention
     x, cos, sin, mask = begin(text, state)
     for i, layer in enumerate(text.layers):
-        x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i))  # (N, 1, D)
+        x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i], attention_fn)  # (N,1,D)
     end(model, state, x, sampling)
 
 
-_compiled_parts = None
+_compiled_parts = {}  # inductor options -> PARTS through torch.compile with them
+
+
+def compiled_parts(decode):
+    """PARTS through torch.compile, once per process and set of inductor options. One decoder layer is compiled
+    and serves all layers ("regional compilation"): compile time does not grow with depth."""
+    options = {"coordinate_descent_tuning": True} if decode.coordinate_descent else {}
+    key = tuple(sorted(options.items()))
+    if key not in _compiled_parts:
+        _compiled_parts[key] = tuple(torch.compile(f, fullgraph=True, options=options) for f in PARTS)
+    return _compiled_parts[key]
 
 
 def cuda_graph_step(model, state, sampling, compile=True):
     """The decode step captured once as a CUDA graph: calling the result replays it.
 
-    With compile, its three parts go through torch.compile first, so that inductor fuses the many small ops
-    (norms, rotary, masks, sampling) that would otherwise cost a kernel each. One decoder layer is compiled and
-    serves all layers ("regional compilation"): compile time does not grow with depth.
+    With compile, its three parts go through torch.compile first (with the inductor options of state.decode),
+    so that inductor fuses the many small ops (norms, rotary, masks, sampling) that would otherwise cost a
+    kernel each.
     """
-    global _compiled_parts
-    if compile and _compiled_parts is None:
-        _compiled_parts = tuple(torch.compile(f, fullgraph=True) for f in (step_inputs, run_layer, step_outputs))
-    parts = _compiled_parts if compile else (step_inputs, run_layer, step_outputs)
+    parts = compiled_parts(state.decode) if compile else PARTS
     saved = [t.clone() for t in state.small_tensors()]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -282,12 +368,14 @@ def cuda_graph_step(model, state, sampling, compile=True):
 
 @torch.no_grad()
 def generate(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=1,
-             eos_token_id=None, seed=None, pad_token_id=None, stream=None, check_every=None, compile=True):
+             eos_token_id=None, seed=None, pad_token_id=None, stream=None, check_every=None, compile=True,
+             decode=None):
     """Sample max_new_tokens (fewer if every row ends with an eos) for every prompt of `batch` -> Generation.
 
     temperature 0 is greedy. eos_token_id: an id or a list of ids. pad_token_id fills the tokens after an eos
     (default: the first eos, else 0). stream(tokens (N, i), lengths (N,)) is called every check_every steps
     (default 16 on CUDA, 1 on the CPU) and at the end. compile=False captures the eager step (CUDA only).
+    decode: DecodeOptions for the decode step (default: the module's DECODE).
     """
     if max_new_tokens < 1 or num_return_sequences < 1:
         raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
@@ -299,7 +387,8 @@ def generate(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     if seed is None:
         seed = int(torch.randint(2**31, ()))  # torch.manual_seed decides it
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
-    state = prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed)
+    decode = decode or DECODE
+    state = prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed, decode)
 
     # Qwen3-VL-MoE routes tokens with data-dependent shapes (a host sync per layer), which a CUDA graph cannot
     # hold: it decodes eagerly, like the CPU

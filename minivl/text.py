@@ -91,6 +91,31 @@ def attention(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def matmul_f32(a, b):
+    """a (..., M, R) float32 @ b (..., R, N), b read in its own dtype and multiplied in float32. Compiled, it is
+    a broadcast product and a sum, which inductor fuses (cast included) into one reduction kernel; eagerly that
+    product would be materialised, (..., M, R, N) floats, so eager code takes a matmul of a float32 copy of b."""
+    if torch.compiler.is_compiling():
+        return (a[..., :, :, None] * b[..., None, :, :].float()).sum(-2)
+    return a @ b.float()
+
+
+def decode_attention(q, k, v, mask):
+    """`attention` for one query per row (T = 1) written out in float32: q (B, H, 1, Dh) over the whole static
+    cache k, v (B, K, S, Dh) with a boolean mask (B, 1, 1, S) -> (B, H, 1, Dh).
+
+    For the compiled decode step: inductor makes a few Triton kernels of it, spread over all slots, where SDPA's
+    memory-efficient kernel runs B*K thread blocks (2 at Qwen2.5-VL-3B, batch 1) that each walk all S slots.
+    gpt-fast decodes the same way (SDPA's math backend, which inductor decomposes).
+    """
+    B, H, _, Dh = q.shape
+    K = k.shape[1]
+    q = q.view(B, K, H // K, Dh).float() * Dh**-0.5  # (B, K, G, Dh): the G query heads of each key/value head
+    scores = matmul_f32(q, k.transpose(-1, -2))  # (B, K, G, S)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # every row sees at least its own slot
+    return matmul_f32(p, v).to(v.dtype).view(B, H, 1, Dh)  # (B, K, G, Dh) -> (B, H, 1, Dh)
+
+
 class KVCache:
     """A static cache of keys and values, allocated once and written by position.
 
@@ -127,10 +152,15 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, cache=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, Dh)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, Dh)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
+        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache)
+
+    def attend(self, q, k, v, cos, sin, mask, cache=None, attention_fn=attention):
+        """The layer after its projections: q (B, T, H*Dh), k and v (B, T, K*Dh) -> (B, T, D). The sampler's
+        decode step enters here with projections of its own (fused weights) and its own attention function."""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, Dh)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, Dh)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, Dh), (B, K, T, Dh)
@@ -138,7 +168,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S_max, Dh)
-        out = attention(q, k, v, mask)  # (B, H, T, Dh)
+        out = attention_fn(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -2,10 +2,13 @@
 
 Greedy answers equal transformers' `generate`; the logits of every cached decode step equal a full forward over
 the whole sequence; the returned log-probs are those of the support distribution the tokens were drawn from;
-n answers per prompt share one vision pass; top-k, top-p, eos, seeds and banned vision tokens behave.
+n answers per prompt share one vision pass; top-k, top-p, eos, seeds and banned vision tokens behave. The first
+two hold for every build of the decode step (sampler.DecodeOptions); fused weights skip LoRA layers and follow
+weight updates between calls.
 Prompts are built by hand (vision blocks of the right length between random text), left-padded.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -19,6 +22,10 @@ from minivl import sampler
 
 BANNED = [IDS["vision_start_token_id"], IDS["vision_end_token_id"], IDS["image_token_id"], IDS["video_token_id"]]
 TOL = 1e-4
+FUSE = ("qkv", "gate_up")
+DECODE = {"sdpa": sampler.DecodeOptions(), "math": sampler.DecodeOptions(attention="math"),
+          "fused": sampler.DecodeOptions(fuse=FUSE),
+          "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True)}
 
 
 def make_batch(family, repeat=1):
@@ -57,22 +64,24 @@ def full_logits(model, batch, tokens, repeat):
     return logits[:, T0 - 1 : -1].float()
 
 
-def test_greedy_equals_transformers(pair):
+@pytest.mark.parametrize("decode", DECODE)
+def test_greedy_equals_transformers(pair, decode):
     family, hf, ours = pair
     batch = make_batch(family)
-    out = minivl.generate(ours, batch, max_new_tokens=12, temperature=0.0)
+    out = minivl.generate(ours, batch, max_new_tokens=12, temperature=0.0, decode=DECODE[decode])
     assert torch.equal(out.tokens, hf_generate(hf, batch, 12))
     assert out.lengths.tolist() == [12, 12, 12] and out.truncated.all()
     assert out.logprobs.dtype == torch.float32 and (out.logprobs <= 0).all()
 
 
-def test_cached_logits_equal_full_forward(pair):
+@pytest.mark.parametrize("decode", DECODE)
+def test_cached_logits_equal_full_forward(pair, decode):
     # sampled answers, two per prompt: every step's logits against one forward over the whole sequence
     family, hf, ours = pair
     batch, n, steps = make_batch(family), 2, 7
     s = sampler.Sampling(temperature=0.9, top_k=40, top_p=0.95)
     with torch.no_grad():
-        state = sampler.prefill(ours, batch, n, steps, s, eos=[], pad_id=0, seed=5)
+        state = sampler.prefill(ours, batch, n, steps, s, eos=[], pad_id=0, seed=5, decode=DECODE[decode])
         logits = [state.logits.clone()]
         for _ in range(steps - 1):
             sampler.decode_step(ours, state, s)
@@ -128,6 +137,38 @@ def test_return_sequences_share_one_vision_pass(pair, monkeypatch):
     assert torch.equal(greedy.tokens, one.tokens.repeat_interleave(4, 0))  # the copied cache rows are right
     sampled = minivl.generate(ours, batch, max_new_tokens=5, temperature=1.0, num_return_sequences=4, seed=0)
     assert len({tuple(t) for t in sampled.tokens[:4].tolist()}) > 1
+
+
+def test_fused_weights_skip_lora_and_follow_updates(pair):
+    from minivl import lora
+
+    family, hf, ours = pair
+    model, batch, fused = copy.deepcopy(ours), make_batch(family), DECODE["fused"]  # a copy: this test changes it
+
+    def greedy(decode=None):
+        return minivl.generate(model, batch, max_new_tokens=8, temperature=0.0, decode=decode).tokens
+
+    state = sampler.prefill(model, batch, 1, 2, sampler.Sampling(0.0), [], 0, 0, decode=fused)
+    assert all(f.qkv is not None and (f.gate_up is None) == (family == "qwen3_vl_moe") for f in state.fused)
+    assert (state.fused[0].qkv_bias is None) == family.startswith("qwen3")
+    with torch.no_grad():
+        model.model.language_model.layers[0].self_attn.q_proj.weight.mul_(1.5)  # a trainer's update between calls
+    before = greedy()
+    assert torch.equal(greedy(fused), before)
+    torch.manual_seed(0)
+    names = [n for n in lora.select_linear(model) if ".layers.0." in n]
+    lora.inject(model, names, r=4, alpha=8, init_weights=False)  # B random too: the adapter changes the answers
+    state = sampler.prefill(model, batch, 1, 2, sampler.Sampling(0.0), [], 0, 0, decode=fused)
+    assert all(t is None for t in state.fused[0]) and state.fused[1].qkv is not None  # layer 0 has LoRA
+    adapted = greedy()
+    assert not torch.equal(adapted, before) and torch.equal(greedy(fused), adapted)
+
+
+def test_decode_options_are_checked():
+    with pytest.raises(ValueError):
+        sampler.DecodeOptions(attention="flash")
+    with pytest.raises(ValueError):
+        sampler.DecodeOptions(fuse=("qkv", "o"))
 
 
 def test_top_k_one_is_greedy(pair):
@@ -239,16 +280,16 @@ def test_vision_tokens_are_never_sampled(pair, monkeypatch):
 
 @pytest.mark.skipif(not os.environ.get("MINIVL_TEST_COMPILE"), reason="torch.compile on a CPU takes minutes; "
                     "set MINIVL_TEST_COMPILE=1")
-def test_compiled_step_equals_eager(tmp_path):
+@pytest.mark.parametrize("decode", DECODE)
+def test_compiled_step_equals_eager(tmp_path, decode):
     save_hf("qwen2_vl", tmp_path)
     model = minivl.load(tmp_path)
     batch, s = make_batch("qwen2_vl"), sampler.Sampling(0.8, 20, 0.9)
-    compiled = tuple(torch.compile(f, fullgraph=True) for f in (sampler.step_inputs, sampler.run_layer,
-                                                                sampler.step_outputs))
+    torch._dynamo.reset()
     states = []
-    for parts in ((sampler.step_inputs, sampler.run_layer, sampler.step_outputs), compiled):
+    for parts in (sampler.PARTS, sampler.compiled_parts(DECODE[decode])):
         with torch.no_grad():
-            state = sampler.prefill(model, batch, 2, 6, s, [], 0, 3)
+            state = sampler.prefill(model, batch, 2, 6, s, [], 0, 3, decode=DECODE[decode])
             for _ in range(5):
                 sampler.decode_step(model, state, s, parts)
         states.append(state)

@@ -14,8 +14,9 @@ decode step compiled and captured as a CUDA graph (sampler.cuda_graph_step; each
             "% floor" = floor / step, the issue's target is >= 75%
   agreement the first decode step's logits against the baseline's (max |diff|), and how many greedy tokens
             equal the baseline's (bf16: random weights give near-ties, so long answers may part)
-Variants: baseline (the default), math (attention="math"), cd (coordinate_descent), fused (q/k/v and gate/up),
-all (the three), and best: those of math, cd and fused that beat the baseline by over 2%, when that is not all.
+Variants: baseline (the default), cd (coordinate_descent), all (cd + fused + math), cd+fused, math
+(attention="math"), fused (q/k/v and gate/up), in that order: what each option adds under coordinate-descent
+tuning, then each of the two others alone.
 At the end, for the shapes in --b64: the baseline and the fastest variant (also without its written-out
 attention, if it has it) at 64 rows (8 prompts x 8 answers, temperature 1, a cache for 512 new tokens as in
 bench_sampler), so that a batch-1 win does not cost GRPO rollouts.
@@ -44,10 +45,11 @@ from minivl.model import VLModel  # noqa: E402
 FUSE = ("qkv", "gate_up")
 VARIANTS = {  # the most telling first: a variant that would start after the time budget is skipped
     "baseline": sampler.DecodeOptions(),
-    "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True),
     "cd": sampler.DecodeOptions(coordinate_descent=True),
-    "fused": sampler.DecodeOptions(fuse=FUSE),
+    "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True),
+    "cd+fused": sampler.DecodeOptions(fuse=FUSE, coordinate_descent=True),
     "math": sampler.DecodeOptions(attention="math"),
+    "fused": sampler.DecodeOptions(fuse=FUSE),
 }
 LOG = []
 
@@ -187,14 +189,6 @@ def run_variant(label, decode, model, batch, floor_ms, device, args, reference):
     return result, dict(tokens=tokens, logits=logits)
 
 
-def best_options(results):
-    """The options of math, cd and fused that beat the baseline by over 2%, merged into one DecodeOptions."""
-    base = results["baseline"]["ms"]
-    won = {k for k in ("math", "cd", "fused") if k in results and results[k]["ms"] < 0.98 * base}
-    return sampler.DecodeOptions(attention="math" if "math" in won else "sdpa",
-                                 fuse=FUSE if "fused" in won else (), coordinate_descent="cd" in won)
-
-
 def profile_shape(name, device, bandwidth, args, deadline):
     cfg, model = build_model(name, device, args.smoke)
     weights = decoder_bytes(model)
@@ -204,14 +198,8 @@ def profile_shape(name, device, bandwidth, args, deadline):
         f"{bandwidth / 1e12:.2f} TB/s (target, 75% of it: {floor_ms / 0.75:.2f} ms); prompt "
         f"{batch['input_ids'].shape[1]} tokens, cache for {args.tokens} new")
     results, reference = {}, None
-    variants = dict((k, VARIANTS[k]) for k in args.variants)
-    for label, decode in list(variants.items()) + [("best", None)]:
-        if label == "best":
-            if "baseline" not in results:
-                break
-            decode = best_options(results)
-            if decode in variants.values():  # nothing new to measure
-                continue
+    for label in args.variants:
+        decode = VARIANTS[label]
         if label != "baseline" and time.time() > deadline:
             say(f"\n### {label}: skipped, over the time budget")
             continue
@@ -321,9 +309,9 @@ def main():
         # the baseline, the fastest variant at b=1 and, if it has the written-out attention, the same without it
         # (which reads each key G times, where SDPA reads it once: the suspect at 64 rows)
         fastest = min(shape["variants"], key=lambda k: shape["variants"][k]["ms"])
-        decode = best_options(shape["variants"]) if fastest == "best" else VARIANTS[fastest]
-        variants = {"baseline": VARIANTS["baseline"], fastest: decode,
-                    f"{fastest}, sdpa": dataclasses.replace(decode, attention="sdpa")}
+        twin = dataclasses.replace(VARIANTS[fastest], attention="sdpa")
+        twin_label = next((k for k, v in VARIANTS.items() if v == twin), f"{fastest} with sdpa")
+        variants = {"baseline": VARIANTS["baseline"], fastest: VARIANTS[fastest], twin_label: twin}
         variants = {k: v for i, (k, v) in enumerate(variants.items()) if v not in list(variants.values())[:i]}
         try:
             results["b64"][shape["model"]] = rollout_check(shape["model"], variants, args.device, args)

@@ -319,6 +319,10 @@ def main():
             say(traceback.format_exc())
         save()
     say("\n" + table(results["shapes"]))
+    for name, steps in results["b64"].items():
+        base = steps.get("baseline", float("nan"))
+        say(f"b={args.prompts * args.samples} {name}: "
+            + ", ".join(f"{k} {ms:.3f} ms ({ms / base:.2f}x the baseline)" for k, ms in steps.items()))
     say(f"(total {time.time() - start:.0f} s)")
     save()
 

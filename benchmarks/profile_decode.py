@@ -14,7 +14,7 @@ decode step compiled and captured as a CUDA graph (sampler.cuda_graph_step; each
             "% floor" = floor / step, the issue's target is >= 75%
   agreement the first decode step's logits against the baseline's (max |diff|), and how many greedy tokens
             equal the baseline's (bf16: random weights give near-ties, so long answers may part)
-Variants: baseline (the default), cd (coordinate_descent), all (cd + fused + math), cd+fused, math
+Variants: baseline (session 1's step: SDPA, no fusion, no tuning), cd (coordinate_descent), all (cd + fused + math), cd+fused, math
 (attention="math"), fused (q/k/v and gate/up), in that order: what each option adds under coordinate-descent
 tuning, then each of the two others alone.
 At the end, for the shapes in --b64: the baseline and the fastest variant (also without its written-out
@@ -44,12 +44,12 @@ from minivl.model import VLModel  # noqa: E402
 
 FUSE = ("qkv", "gate_up")
 VARIANTS = {  # the most telling first: a variant that would start after the time budget is skipped
-    "baseline": sampler.DecodeOptions(),
-    "cd": sampler.DecodeOptions(coordinate_descent=True),
+    "baseline": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=False),
+    "cd": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=True),
     "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True),
-    "cd+fused": sampler.DecodeOptions(fuse=FUSE, coordinate_descent=True),
-    "math": sampler.DecodeOptions(attention="math"),
-    "fused": sampler.DecodeOptions(fuse=FUSE),
+    "cd+fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=True),
+    "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False),
+    "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False),
 }
 LOG = []
 

@@ -60,15 +60,22 @@ class Sampling:
 @dataclass(frozen=True)
 class DecodeOptions:
     """How the decode step is built. Each is timed against the weight-bandwidth floor, with a per-kernel profile,
-    by benchmarks/profile_decode.py (results: benchmarks/NOTES_sampler.md)."""
-    attention: str = "sdpa"  # or "math": text.decode_attention, the T = 1 attention written out for inductor
-    fuse: tuple = ()  # ("qkv", "gate_up"): projections that read the same input as one matmul (fuse_weights)
-    coordinate_descent: bool = False  # inductor's coordinate_descent_tuning (gpt-fast): one-row matmuls become
-    # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm)
+    by benchmarks/profile_decode.py (results: benchmarks/NOTES_sampler.md). The defaults are the fastest measured
+    (H100, Qwen2.5-VL-3B / Qwen3-VL-8B shapes): 4.39 -> 3.36 ms / 7.45 -> 6.24 ms per step at one row, 7.16 ->
+    4.92 ms at 64 rows (3B). fuse=() saves the fused copies' memory (3.4 / 8.4 GiB during a call)."""
+    attention: str = "auto"  # "sdpa"; "math": text.decode_attention, the T = 1 attention written out for
+    # inductor; "auto": math for a single row (3.36 vs 3.65 ms), SDPA for more (64 rows: 4.92 vs 9.15 ms)
+    fuse: tuple = ("qkv", "gate_up")  # projections that read the same input as one matmul (fuse_weights)
+    coordinate_descent: bool = True  # inductor's coordinate_descent_tuning (gpt-fast): one-row matmuls become
+    # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm); compiles ~25 s
 
     def __post_init__(self):
-        if self.attention not in ("sdpa", "math") or not set(self.fuse) <= {"qkv", "gate_up"}:
+        if self.attention not in ("auto", "sdpa", "math") or not set(self.fuse) <= {"qkv", "gate_up"}:
             raise ValueError(f"unknown decode options {self}")
+
+    def attention_fn(self, rows):
+        math = self.attention == "math" or (self.attention == "auto" and rows == 1)
+        return decode_attention if math else attention
 
 
 DECODE = DecodeOptions()  # what generate uses unless given decode=
@@ -320,7 +327,7 @@ def decode_step(model, state, sampling, parts=PARTS):
     for one text token per row. parts: the three functions above, or their compiled versions."""
     begin, layer_fn, end = parts
     text = model.model.language_model
-    attention_fn = decode_attention if state.decode.attention == "math" else attention
+    attention_fn = state.decode.attention_fn(state.token.shape[0])
     x, cos, sin, mask = begin(text, state)
     for i, layer in enumerate(text.layers):
         x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i], attention_fn)  # (N,1,D)

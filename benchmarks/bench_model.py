@@ -17,14 +17,13 @@ prefill, max |minivl - transformers| and the share of positions whose argmax agr
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from common import published_config, shared_models  # noqa: E402
+from common import median_ms, published_config, shared_models  # noqa: E402
 
 
 
@@ -41,26 +40,6 @@ def prompt(cfg, grids, text_tokens=64):
         ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id]
     ids += list(range(2000, 2000 + text_tokens // 2))
     return torch.tensor([ids])
-
-
-def timed(fn, device, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def build(name, device, layers):
@@ -111,11 +90,11 @@ def run(name, device, repeats, layers, cases, precision=False, profile=False, pr
     for label, sizes in (CASES[c] for c in cases):
         pv, thw, ids, mm = inputs(cfg, sizes, device)
         with torch.no_grad():
-            t_vis_hf = timed(lambda: hf.model.visual(pv, grid_thw=thw), device, repeats)
-            t_vis = timed(lambda: ours.model.visual(pv, thw), device, repeats)
-            t_pre_hf = timed(lambda: hf(input_ids=ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm),
-                             device, repeats)
-            t_pre = timed(lambda: ours(ids, pixel_values=pv, image_grid_thw=thw), device, repeats)
+            t_vis_hf = median_ms(lambda: hf.model.visual(pv, grid_thw=thw), device, repeats, warmup=2)
+            t_vis = median_ms(lambda: ours.model.visual(pv, thw), device, repeats, warmup=2)
+            t_pre_hf = median_ms(lambda: hf(input_ids=ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm),
+                                 device, repeats, warmup=2)
+            t_pre = median_ms(lambda: ours(ids, pixel_values=pv, image_grid_thw=thw), device, repeats, warmup=2)
             ref = hf(input_ids=ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm).logits.float()
             out = ours(ids, pixel_values=pv, image_grid_thw=thw).float()
         diff = (out - ref).abs().max().item()
@@ -129,8 +108,8 @@ def run(name, device, repeats, layers, cases, precision=False, profile=False, pr
     for row, (label, sizes) in zip(rows, (CASES[c] for c in cases)):
         pv, thw, ids, mm = inputs(cfg, sizes, device)
         with torch.no_grad():
-            row += [timed(lambda: ours.model.visual(pv, thw), device, repeats, warmup=3),
-                    timed(lambda: ours(ids, pixel_values=pv, image_grid_thw=thw), device, repeats)]
+            row += [median_ms(lambda: ours.model.visual(pv, thw), device, repeats, warmup=3),
+                    median_ms(lambda: ours(ids, pixel_values=pv, image_grid_thw=thw), device, repeats, warmup=2)]
     del hf, ours
     if device == "cuda":
         torch.cuda.empty_cache()

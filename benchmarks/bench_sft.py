@@ -21,7 +21,6 @@ same initial adapters (later minivl rows start from adapters the earlier rows tr
 import argparse
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -30,7 +29,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from minivl import lora  # noqa: E402
-from common import published_config, shared_models  # noqa: E402
+from common import median_ms, published_config, shared_models  # noqa: E402
 from train_sft import TokenLogprobs  # noqa: E402
 
 LLM_TARGETS = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
@@ -75,21 +74,9 @@ def timed_steps(step, device, warmup, repeats):
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    ms = median_ms(step, device, repeats)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    return first, statistics.median(times), peak
+    return first, ms, peak
 
 
 def main():

@@ -1,8 +1,11 @@
-"""What the GPU benchmarks share: the published configs (tests/configs/), cut to fewer layers for smoke runs, and
-a transformers model with random weights whose tensors minivl shares, so both run on the very same weights."""
+"""What the GPU benchmarks share: the published configs (tests/configs/), cut to fewer layers for smoke runs, a
+transformers model with random weights whose tensors minivl shares, so both run on the very same weights, and
+one timer."""
 
 import json
 import os
+import statistics
+import time
 
 import torch
 
@@ -43,3 +46,25 @@ def shared_models(raw, device, dtype=torch.bfloat16):
     ours.load_state_dict(hf.state_dict(), strict=True, assign=True)
     ours.tie_weights()
     return cfg, hf, ours.eval()
+
+
+def median_ms(fn, device, repeats, warmup=0):
+    """Median milliseconds of one call of fn over `repeats` calls, each timed on its own (CUDA events on the GPU,
+    the host clock elsewhere), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

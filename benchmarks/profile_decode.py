@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -38,6 +37,7 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_sampler import copy_bandwidth, decoder_bytes, load_raw, make_batch  # noqa: E402
+from common import median_ms  # noqa: E402
 from minivl import sampler  # noqa: E402
 from minivl.config import Config  # noqa: E402
 from minivl.model import VLModel  # noqa: E402
@@ -92,28 +92,6 @@ class Decoder:
         self.build_s = time.perf_counter() - start
 
 
-def step_ms(step, replays, device):
-    """Median milliseconds of one call of step over `replays` calls, each timed on its own."""
-    times = []
-    for _ in range(replays):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            step()
-            end.record()
-            times.append((begin, end))
-        else:
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        times = [b.elapsed_time(e) for b, e in times]
-    else:
-        times = [t * 1e3 for t in times]
-    return statistics.median(times)
-
-
 def kernel_profile(step, steps, device):
     """torch.profiler over `steps` calls -> rows (name, us per step, launches per step), longest first. On the
     GPU the rows are the kernels (and copies) the device ran; on the CPU, operators by self time."""
@@ -160,7 +138,7 @@ def run_variant(label, decode, model, batch, floor_ms, device, args, reference):
         logits = dec.state.logits.clone()  # the first decode step's
         for _ in range(args.warmup):
             dec.step()
-        ms = step_ms(dec.step, args.replays, device)
+        ms = median_ms(dec.step, device, args.replays)
         rows = kernel_profile(dec.step, args.profile, device)
         if device == "cuda" and not rows:  # the profiler saw no kernel inside the graph: profile without it
             say("  (no kernels recorded inside the CUDA graph: profiling the compiled step launched one by one)")
@@ -227,7 +205,7 @@ def rollout_check(name, variants, device, args):
                 dec = Decoder(model, batch, args.samples, args.tokens_64, sampler.Sampling(1.0), decode, device)
                 for _ in range(args.warmup):
                     dec.step()
-                out[label] = step_ms(dec.step, args.replays_64, device)
+                out[label] = median_ms(dec.step, device, args.replays_64)
         except Exception:
             say(f"b=64 {label}: FAILED\n" + traceback.format_exc())
             continue

@@ -1,4 +1,5 @@
-"""minivl's Triton kernels: fused log-probs (`kernels.logprobs`) and fused LoRA linear (`kernels.lora`).
+"""minivl's Triton kernels: fused log-probs (`kernels.logprobs`), fused LoRA linear (`kernels.lora`) and the
+sampler's split-KV decode attention (`kernels.decode_attention`).
 
 Each public function has a plain-PyTorch `*_reference` twin with the same signature. Which one runs:
 

@@ -64,16 +64,22 @@ class DecodeOptions:
     (H100, Qwen2.5-VL-3B / Qwen3-VL-8B shapes): 4.39 -> 3.36 ms / 7.45 -> 6.24 ms per step at one row, 7.16 ->
     4.92 ms at 64 rows (3B). fuse=() saves the fused copies' memory (3.4 / 8.4 GiB during a call)."""
     attention: str = "auto"  # "sdpa"; "math": text.decode_attention, the T = 1 attention written out for
-    # inductor; "auto": math for a single row (3.36 vs 3.65 ms), SDPA for more (64 rows: 4.92 vs 9.15 ms)
+    # inductor; "triton": kernels/decode_attention.py, split-KV over the written slots only (CUDA, or the CPU under
+    # TRITON_INTERPRET=1); "auto": math for a single row (3.36 vs 3.65 ms), SDPA for more (64 rows: 4.92 vs 9.15 ms)
     fuse: tuple = ("qkv", "gate_up")  # projections that read the same input as one matmul (fuse_weights)
     coordinate_descent: bool = True  # inductor's coordinate_descent_tuning (gpt-fast): one-row matmuls become
     # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm); compiles ~25 s
 
     def __post_init__(self):
-        if self.attention not in ("auto", "sdpa", "math") or not set(self.fuse) <= {"qkv", "gate_up"}:
+        if self.attention not in ("auto", "sdpa", "math", "triton") or not set(self.fuse) <= {"qkv", "gate_up"}:
             raise ValueError(f"unknown decode options {self}")
 
     def attention_fn(self, rows):
+        if self.attention == "triton":
+            import kernels  # imported when first used: Triton with it
+            kernels.check_ours()
+            from kernels.decode_attention import decode_attention as split_kv
+            return split_kv
         math = self.attention == "math" or (self.attention == "auto" and rows == 1)
         return decode_attention if math else attention
 

@@ -17,16 +17,26 @@ import pytest
 import torch
 
 import minivl
-from helpers import IDS, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text, vision_block
+from helpers import IDS, import_interpreted, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text, vision_block
 from minivl import sampler
 
+import_interpreted("kernels.decode_attention", "_split_kernel")  # before anything imports triton (helpers.py)
 BANNED = [IDS["vision_start_token_id"], IDS["vision_end_token_id"], IDS["image_token_id"], IDS["video_token_id"]]
 TOL = 1e-4
 FUSE = ("qkv", "gate_up")
 DECODE = {"sdpa": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=False),
           "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False),
           "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False),
-          "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True)}
+          "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True),
+          "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=False)}
+
+
+def use_decode(name, monkeypatch):
+    """DECODE[name]; the split-KV attention kernel runs on the CPU through Triton's interpreter."""
+    if DECODE[name].attention == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("MINIVL_KERNELS", "triton")
+    return DECODE[name]
 
 
 def make_batch(family, repeat=1):
@@ -66,23 +76,24 @@ def full_logits(model, batch, tokens, repeat):
 
 
 @pytest.mark.parametrize("decode", DECODE)
-def test_greedy_equals_transformers(pair, decode):
+def test_greedy_equals_transformers(pair, decode, monkeypatch):
     family, hf, ours = pair
     batch = make_batch(family)
-    out = minivl.generate(ours, batch, max_new_tokens=12, temperature=0.0, decode=DECODE[decode])
+    out = minivl.generate(ours, batch, max_new_tokens=12, temperature=0.0, decode=use_decode(decode, monkeypatch))
     assert torch.equal(out.tokens, hf_generate(hf, batch, 12))
     assert out.lengths.tolist() == [12, 12, 12] and out.truncated.all()
     assert out.logprobs.dtype == torch.float32 and (out.logprobs <= 0).all()
 
 
 @pytest.mark.parametrize("decode", DECODE)
-def test_cached_logits_equal_full_forward(pair, decode):
+def test_cached_logits_equal_full_forward(pair, decode, monkeypatch):
     # sampled answers, two per prompt: every step's logits against one forward over the whole sequence
     family, hf, ours = pair
     batch, n, steps = make_batch(family), 2, 7
     s = sampler.Sampling(temperature=0.9, top_k=40, top_p=0.95)
     with torch.no_grad():
-        state = sampler.prefill(ours, batch, n, steps, s, eos=[], pad_id=0, seed=5, decode=DECODE[decode])
+        state = sampler.prefill(ours, batch, n, steps, s, eos=[], pad_id=0, seed=5,
+                                decode=use_decode(decode, monkeypatch))
         logits = [state.logits.clone()]
         for _ in range(steps - 1):
             sampler.decode_step(ours, state, s)
@@ -284,7 +295,7 @@ def test_vision_tokens_are_never_sampled(pair, monkeypatch):
 
 @pytest.mark.skipif(not os.environ.get("MINIVL_TEST_COMPILE"), reason="torch.compile on a CPU takes minutes; "
                     "set MINIVL_TEST_COMPILE=1")
-@pytest.mark.parametrize("decode", DECODE)
+@pytest.mark.parametrize("decode", [k for k in DECODE if k != "triton"])  # (the GPU benchmark checks that one)
 def test_compiled_step_equals_eager(tmp_path, decode):
     save_hf("qwen2_vl", tmp_path)
     model = minivl.load(tmp_path)

@@ -1,0 +1,137 @@
+"""Attention of one new token per row over a static KV cache (split-KV, "flash-decoding"), for the sampler.
+
+    decode_attention(q, k, v, mask) -> out
+    q (N, H, 1, Dh); k, v (N, K, S, Dh): the whole static cache of one layer; mask (N, 1, 1, S) bool: the slots
+    each row may read (its prompt without the left padding, and the answer so far); out (N, H, 1, Dh), v's dtype.
+
+Why a kernel: at batch 1 the work is tiny (3B: 2 key/value heads x ~600 slots x 128 dims) and latency decides.
+SDPA runs N*K thread blocks (2 at Qwen2.5-VL-3B) that each walk all S slots; the written-out attention
+(minivl.text.decode_attention) becomes three inductor kernels; both read the cache's unwritten tail too.
+Here the slots are cut into NSPLIT ranges and one program takes (row, key/value head, range), with all G = H/K
+query heads of that key/value head in one tile (padded to 16 rows for the tensor-core dot). A block of slots whose
+mask is all False (the static cache's tail not written yet, or left padding) is skipped without reading k or v,
+so a step reads only the written slots. Each program keeps an online softmax over its range and writes its
+partial output and log-sum-exp; `_merge_kernel` weights the ranges by their log-sum-exps (one program per head).
+
+Numerics: the dots run in the cache's dtype with float32 accumulation, as flash attention does (bf16 on the GPU,
+softmax weights rounded to bf16 for the second dot; float32 caches use IEEE float32 dots). The softmax is in
+float32, in base 2.
+
+Legend: N rows, H query heads, K key/value heads, G = H // K, GP = G padded to a power of two >= 16, S slots,
+Dh head dim, BS slots per block, NS number of slot ranges.
+Tests (CPU, Triton interpreter): python -m pytest tests/test_kernels_decode_attention.py
+"""
+import math
+
+import torch
+
+from kernels import triton_available, use_triton
+
+CONFIG = {"BS": 64, "num_warps": 4, "programs": 264}  # programs: aim for about 2 per SM (H100: 132 SMs)
+INTERPRET_CONFIG = {"BS": 16, "num_warps": 4, "programs": 8}
+
+
+def decode_attention_reference(q, k, v, mask):
+    """Plain PyTorch, float32 softmax: the same as minivl.text.decode_attention."""
+    N, H, _, Dh = q.shape
+    K = k.shape[1]
+    qg = q.view(N, K, H // K, Dh).float() * Dh**-0.5  # (N, K, G, Dh)
+    scores = qg @ k.float().transpose(-1, -2)  # (N, K, G, S)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (p @ v.float()).to(v.dtype).view(N, H, 1, Dh)
+
+
+def decode_attention(q, k, v, mask):
+    if not use_triton(q, k, v):
+        return decode_attention_reference(q, k, v, mask)
+    return _decode_attention_triton(q, k, v, mask)
+
+
+def _decode_attention_triton(q, k, v, mask):
+    N, H, T, Dh = q.shape
+    K, S = k.shape[1], k.shape[2]
+    if T != 1 or H % K or k.shape != v.shape or mask.shape != (N, 1, 1, S) or mask.dtype != torch.bool:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"mask {tuple(mask.shape)} {mask.dtype}: want q (N, H, 1, Dh), k = v (N, K, S, Dh) "
+                         "with K dividing H, and a bool mask (N, 1, 1, S)")
+    if Dh < 16 or Dh & (Dh - 1):
+        raise ValueError(f"decode_attention: head dim {Dh} must be a power of two >= 16 (tensor-core dots)")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
+        raise ValueError("decode_attention: k and v must share strides, with contiguous head dims")
+    cfg = CONFIG if q.is_cuda else INTERPRET_CONFIG
+    G, BS = H // K, cfg["BS"]
+    blocks = triton.cdiv(S, BS)
+    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(cfg["programs"], N * K))))  # blocks per range
+    NS = triton.cdiv(blocks, per_split)
+    q = q.contiguous().to(k.dtype)
+    mask = mask.view(N, S).contiguous()
+    part = torch.empty(N, K, NS, G, Dh, dtype=torch.float32, device=q.device)  # each range's normalised output
+    lse = torch.empty(N, K, NS, G, dtype=torch.float32, device=q.device)  # and its log2-sum-exp2
+    _split_kernel[(N * K, NS)](
+        q, k, v, mask, part, lse, S, k.stride(0), k.stride(1), k.stride(2), Dh**-0.5 * math.log2(math.e),
+        K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh, BS=BS, PER_SPLIT=per_split, NS=NS,
+        F32=k.dtype == torch.float32 or not q.is_cuda, num_warps=cfg["num_warps"])
+    out = torch.empty(N, H, 1, Dh, dtype=v.dtype, device=q.device)
+    _merge_kernel[(N * H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), num_warps=4)
+    return out
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr, S, s_n, s_k, s_s, qk_scale,
+                      K: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
+                      PER_SPLIT: tl.constexpr, NS: tl.constexpr, F32: tl.constexpr):
+        nk, split = tl.program_id(0), tl.program_id(1)
+        n, kh = nk // K, nk % K
+        rg, rd, rs = tl.arange(0, GP), tl.arange(0, DH), tl.arange(0, BS)
+        # the G query heads of key/value head kh: q is (N, K*G, 1, DH) contiguous
+        q = tl.load(q_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], mask=(rg < G)[:, None], other=0.0)  # (GP, DH)
+        m_i = tl.zeros([GP], tl.float32) - float("inf")  # running max of the base-2 scores
+        l_i = tl.zeros([GP], tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([GP, DH], tl.float32)
+        kv = n.to(tl.int64) * s_n + kh * s_k
+        for b in range(PER_SPLIT):
+            slots = (split * PER_SPLIT + b) * BS + rs  # (BS,)
+            live = tl.load(mask_ptr + n * S + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
+            if tl.max(live.to(tl.int32), axis=0) > 0:  # skip blocks nobody may read: no k/v bytes for them
+                offs = kv + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
+                k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)
+                if F32:  # float32 caches; and the CPU interpreter, whose bf16 dot is wrong (triton 3.9)
+                    scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(k))  # (GP, BS), float32 accumulation
+                scores = (scores * qk_scale).to(tl.float32)  # (inductor passes a float argument as fp64)
+                scores = tl.where(live[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the block has a live slot
+                p = tl.exp2(scores - m_new[:, None])  # (GP, BS), 0 on dead slots
+                alpha = tl.exp2(m_i - m_new)  # 0 on the first live block (m_i = -inf)
+                v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
+                p_v = p.to(v.dtype)  # rounded to the cache dtype for the dot, as flash attention does
+                if F32:
+                    pv = tl.dot(p_v.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+                else:
+                    pv = tl.dot(p_v, v)  # (GP, DH)
+                acc = acc * alpha[:, None] + pv
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a range with no live slot: 0, weight 0 below
+        row = nk * NS + split
+        tl.store(part_ptr + (row * G + rg)[:, None] * DH + rd[None, :], out, mask=(rg < G)[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # -inf: no live slot here
+        tl.store(lse_ptr + row * G + rg, lse, mask=rg < G)
+
+    @triton.jit
+    def _merge_kernel(part_ptr, lse_ptr, out_ptr, H: tl.constexpr, G: tl.constexpr, DH: tl.constexpr,
+                      NS: tl.constexpr, NSP: tl.constexpr):
+        nh = tl.program_id(0)  # row n, query head h = kh * G + g
+        nk, g = nh // G, nh % G
+        rs, rd = tl.arange(0, NSP), tl.arange(0, DH)
+        lse = tl.load(lse_ptr + (nk * NS + rs) * G + g, mask=rs < NS, other=float("-inf"))  # (NSP,)
+        w = tl.exp2(lse - tl.max(lse, axis=0))  # (NSP,): each range's share of the softmax mass, unnormalised
+        part = tl.load(part_ptr + ((nk * NS + rs) * G + g)[:, None] * DH + rd[None, :], mask=(rs < NS)[:, None],
+                       other=0.0)  # (NSP, DH)
+        out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+        tl.store(out_ptr + nh * DH + rd, out.to(out_ptr.dtype.element_ty))

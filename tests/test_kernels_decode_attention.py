@@ -1,0 +1,80 @@
+"""kernels.decode_attention (split-KV decode attention) against a float64 reference, under TRITON_INTERPRET=1."""
+import pytest
+import torch
+
+from helpers import import_interpreted
+
+# first: Triton's own helpers (tl.zeros...) must also be decorated under TRITON_INTERPRET=1 when triton is imported
+da = import_interpreted("kernels.decode_attention", "_split_kernel")
+
+
+def reference64(q, k, v, mask):
+    N, H, _, Dh = q.shape
+    K = k.shape[1]
+    scores = q.double().view(N, K, H // K, Dh) @ k.double().transpose(-1, -2) * Dh**-0.5  # (N, K, G, S)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (p @ v.double()).view(N, H, 1, Dh)
+
+
+def decode_mask(N, S, slot, pad, gen):
+    """Rows see slots 0..slot except their left padding (pad[n] slots); slots after `slot` are unwritten."""
+    valid = torch.arange(S)[None, :] >= torch.tensor(pad)[:, None]
+    valid &= torch.arange(S)[None, :] <= slot
+    return valid.view(N, 1, 1, S)
+
+
+# (N, H, K, S, slot, left padding per row): G = 1, 2, 3 (padded to 16), 8; S not a multiple of the block;
+# a row whose padding covers whole blocks; a single readable slot; a full cache
+CASES = [(1, 4, 2, 37, 20, [0]), (2, 8, 2, 70, 69, [0, 33]), (3, 6, 2, 50, 5, [0, 5, 2]),
+         (1, 8, 1, 100, 64, [40]), (2, 2, 2, 16, 0, [0, 0]), (2, 4, 4, 33, 32, [1, 0])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_float64(case, dtype, triton_cpu):
+    N, H, K, S, slot, pad = case
+    gen = torch.Generator().manual_seed(CASES.index(case))
+    Dh = 16
+    q = torch.randn(N, H, 1, Dh, generator=gen).to(dtype)
+    k = torch.randn(N, K, S, Dh, generator=gen).mul(2).to(dtype)  # larger scores: a peaked softmax
+    v = torch.randn(N, K, S, Dh, generator=gen).to(dtype)
+    # the unwritten tail holds garbage: the kernel must never read it (a NaN there would show)
+    k[:, :, slot + 1:], v[:, :, slot + 1:] = float("nan"), float("nan")
+    mask = decode_mask(N, S, slot, pad, gen)
+    k[~mask.view(N, 1, S).expand(N, K, S)] = float("nan")  # left padding too
+    got = da.decode_attention(q, k, v, mask)
+    want = reference64(q, k.nan_to_num(), v.nan_to_num(), mask)
+    assert got.dtype == dtype and got.shape == (N, H, 1, Dh)
+    # float32: IEEE dots, errors ~1e-6. bf16: the output is rounded to bf16 (2^-9 relative) and p to bf16 in
+    # the p.v dot (2^-9 relative per term); |out| <= ~3, so 2e-2 absolute covers both with margin.
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_several_ranges_are_merged(triton_cpu):
+    """More slots than one program's range: the merge of partial results must weight them by their mass."""
+    N, H, K, S, Dh = 1, 4, 2, 200, 32
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(N, H, 1, Dh, generator=gen), torch.randn(N, K, S, Dh, generator=gen), torch.randn(
+        N, K, S, Dh, generator=gen)
+    k[:, :, 150] = q[0].view(K, 2, Dh).sum(1) * 3  # one slot far heavier than the rest: one range dominates
+    mask = torch.ones(N, 1, 1, S, dtype=torch.bool)
+    cfg = da.INTERPRET_CONFIG
+    assert -(-S // cfg["BS"]) > 1 and N * K < cfg["programs"]  # so the slots are cut into several ranges
+    torch.testing.assert_close(da.decode_attention(q, k, v, mask).double(), reference64(q, k, v, mask),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_reference_twin_and_bad_shapes(triton_cpu, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=gen), torch.randn(2, 2, 24, 16, generator=gen), torch.randn(
+        2, 2, 24, 16, generator=gen)
+    mask = decode_mask(2, 24, 17, [0, 3], gen)
+    monkeypatch.setenv("MINIVL_KERNELS", "reference")
+    torch.testing.assert_close(da.decode_attention(q, k, v, mask).double(), reference64(q, k, v, mask),
+                               atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("MINIVL_KERNELS", "triton")
+    with pytest.raises(ValueError, match="decode_attention"):
+        da.decode_attention(q, k[:, :, :20], v, mask)  # k and v of different lengths
+    with pytest.raises(ValueError, match="decode_attention"):
+        da.decode_attention(torch.randn(2, 3, 1, 16), k, v, mask)  # 3 query heads over 2 key/value heads

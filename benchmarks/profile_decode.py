@@ -16,9 +16,10 @@ decode step compiled and captured as a CUDA graph (sampler.cuda_graph_step; each
             equal the baseline's (bf16: random weights give near-ties, so long answers may part)
 Variants: baseline (session 1's step: SDPA, no fusion, no tuning), cd (coordinate_descent), all (cd + fused + math), cd+fused, math
 (attention="math"), fused (q/k/v and gate/up), in that order: what each option adds under coordinate-descent
-tuning, then each of the two others alone.
+tuning, then each of the two others alone; then triton (all, with kernels/decode_attention.py's split-KV attention
+instead of the written-out one).
 At the end, for the shapes in --b64: the baseline and the fastest variant (also without its written-out
-attention, if it has it) at 64 rows (8 prompts x 8 answers, temperature 1, a cache for 512 new tokens as in
+attention, if it has it), or the --b64-variants, at 64 rows (8 prompts x 8 answers, temperature 1, a cache for 512 new tokens as in
 bench_sampler), so that a batch-1 win does not cost GRPO rollouts.
 --budget: seconds after which no further variant or b=64 check starts (a baseline always runs), so that both
 shapes fit in one GPU call of about 6 minutes.
@@ -50,6 +51,7 @@ VARIANTS = {  # the most telling first: a variant that would start after the tim
     "cd+fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=True),
     "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False),
     "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False),
+    "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=True),  # split-KV kernel
 }
 LOG = []
 
@@ -209,9 +211,9 @@ def rollout_check(name, variants, device, args):
         except Exception:
             say(f"b=64 {label}: FAILED\n" + traceback.format_exc())
             continue
-        ratio = out[label] / out.get("baseline", out[label])
+        ratio = out[label] / out.get("baseline", next(iter(out.values())))
         say(f"b={args.prompts * args.samples} {name} {label} {decode}: step {out[label]:.3f} ms ({ratio:.2f}x "
-            f"the baseline; graph built in {dec.build_s:.1f} s), cache {dec.state.key_valid.shape[1]} slots")
+            f"the first; graph built in {dec.build_s:.1f} s), cache {dec.state.key_valid.shape[1]} slots")
         del dec
     del model
     if device == "cuda":
@@ -242,6 +244,9 @@ def main():
     ap.add_argument("--profile", type=int, default=10, help="replays under torch.profiler")
     ap.add_argument("--top", type=int, default=12, help="kernels printed per variant")
     ap.add_argument("--b64", nargs="*", default=["qwen2_5_vl_3b"], help="shapes checked at 64 rows")
+    ap.add_argument("--b64-variants", nargs="+", choices=list(VARIANTS),
+                    help="variants timed at 64 rows (default: the baseline, the fastest at one row, and that one "
+                         "with SDPA)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--tokens-64", type=int, default=512)
@@ -291,6 +296,8 @@ def main():
         twin_label = next((k for k, v in VARIANTS.items() if v == twin), f"{fastest} with sdpa")
         variants = {"baseline": VARIANTS["baseline"], fastest: VARIANTS[fastest], twin_label: twin}
         variants = {k: v for i, (k, v) in enumerate(variants.items()) if v not in list(variants.values())[:i]}
+        if args.b64_variants:
+            variants = {k: VARIANTS[k] for k in args.b64_variants}
         try:
             results["b64"][shape["model"]] = rollout_check(shape["model"], variants, args.device, args)
         except Exception:
@@ -298,9 +305,9 @@ def main():
         save()
     say("\n" + table(results["shapes"]))
     for name, steps in results["b64"].items():
-        base = steps.get("baseline", float("nan"))
+        base = steps.get("baseline", next(iter(steps.values()), float("nan")))
         say(f"b={args.prompts * args.samples} {name}: "
-            + ", ".join(f"{k} {ms:.3f} ms ({ms / base:.2f}x the baseline)" for k, ms in steps.items()))
+            + ", ".join(f"{k} {ms:.3f} ms ({ms / base:.2f}x the first)" for k, ms in steps.items()))
     say(f"(total {time.time() - start:.0f} s)")
     save()
 

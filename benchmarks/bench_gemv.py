@@ -1,0 +1,95 @@
+"""The one-row projections of a batch-1 decode step, each timed alone: how close to the copy bandwidth does
+cuBLAS, and inductor's tuned reduction (coordinate-descent tuning, what the sampler's compiled step uses), get?
+
+For `down` it also times the SiLU-mul of gate and up fused into the reduction's loads (what inductor does in the
+decode step) against the same reduction on a ready activation: fused, every program of the reduction recomputes
+SiLU(gate) * up for its rows, and reads the (2, I) input again.
+
+Each call is timed inside a CUDA graph of calls that cycle over enough weight copies (>= 256 MB) that no weight
+is in L2 when read, as in a decode step where every layer has its own.
+
+    python benchmarks/bench_gemv.py            # Qwen2.5-VL-3B and Qwen3-VL-8B shapes, bf16
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_ms  # noqa: E402
+
+SHAPES = {  # name: (out, in) of the weight, for one decoder layer
+    "qwen2_5_vl_3b": {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (22016, 2048), "down": (2048, 11008)},
+    "qwen3_vl_8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)},
+}
+CD = {"coordinate_descent_tuning": True}
+
+
+def copy_bandwidth():
+    x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), "cuda", 20, warmup=3)
+    return 2 * x.numel() * 2 / (ms / 1e3)
+
+
+def graph_us(fn, inputs, weights):
+    """Microseconds per call of fn(input, weight), replayed in a CUDA graph over all weight copies."""
+    for w in weights[:2]:
+        fn(inputs, w)  # compile and tune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(inputs, w)
+    return median_ms(graph.replay, "cuda", 20, warmup=3) * 1e3 / len(weights)
+
+
+def silu_mul(gu):
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="+", default=list(SHAPES))
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    print(f"# bench_gemv: {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    linear_cd = torch.compile(F.linear, fullgraph=True, options=CD)
+    silu_mul_cd = torch.compile(silu_mul, fullgraph=True, options=CD)
+    fused_down_cd = torch.compile(lambda gu, w: F.linear(silu_mul(gu), w), fullgraph=True, options=CD)
+    rows = []
+    for name in args.configs:
+        for proj, (out, inp) in SHAPES[name].items():
+            nbytes = out * inp * 2
+            weights = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) * 0.02
+                       for _ in range(max(2, -(-256 * 2**20 // nbytes)))]
+            x = torch.randn(1, 1, inp, device="cuda", dtype=torch.bfloat16)
+            variants = {"cublas": lambda x, w: F.linear(x, w), "inductor cd": linear_cd}
+            if proj == "down":
+                gu = torch.randn(1, 1, 2 * inp, device="cuda", dtype=torch.bfloat16)
+                variants["inductor cd, silu-mul fused"] = lambda _, w: fused_down_cd(gu, w)
+                variants["inductor cd, silu-mul apart"] = lambda _, w: linear_cd(silu_mul_cd(gu), w)
+            ref = F.linear(x.float(), weights[0].float())
+            for label, fn in variants.items():
+                if "silu" not in label:  # same numbers as cuBLAS in float32 (the fused ones take another input)
+                    err = float((fn(x, weights[0]).float() - ref).abs().max() / ref.abs().max())
+                else:
+                    err = float("nan")
+                us = graph_us(fn, x, weights)
+                rows.append((name, proj, f"{out}x{inp}", label, us, nbytes / (us / 1e6) / 1e12, err))
+                print(f"{name} {proj} {label}: {us:.2f} us, {rows[-1][5]:.2f} TB/s", flush=True)
+            del weights
+            torch.cuda.empty_cache()
+    print("\n| model | proj | weight | variant | us | TB/s | of copy bw | rel. error |\n|---|---|---|---|---|---|---|---|")
+    for name, proj, shape, label, us, tbs, err in rows:
+        print(f"| {name} | {proj} | {shape} | {label} | {us:.2f} | {tbs:.2f} | {100 * tbs * 1e12 / bw:.0f}% | "
+              f"{err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_sampler import copy_bandwidth  # noqa: E402
 from common import median_ms  # noqa: E402
 
 SHAPES = {  # name: (out, in) of the weight, for one decoder layer
@@ -26,13 +27,6 @@ SHAPES = {  # name: (out, in) of the weight, for one decoder layer
     "qwen3_vl_8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)},
 }
 CD = {"coordinate_descent_tuning": True}
-
-
-def copy_bandwidth():
-    x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(x)
-    ms = median_ms(lambda: y.copy_(x), "cuda", 20, warmup=3)
-    return 2 * x.numel() * 2 / (ms / 1e3)
 
 
 def graph_us(fn, inputs, weights):
@@ -56,7 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=list(SHAPES))
     args = ap.parse_args()
-    bw = copy_bandwidth()
+    bw = copy_bandwidth("cuda")
     print(f"# bench_gemv: {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
           f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     linear_cd = torch.compile(F.linear, fullgraph=True, options=CD)

@@ -135,6 +135,22 @@ def logprob_reference(hidden, weight, targets, up, temperature=1.0, chunk=1024):
     return logp, ent, grad
 
 
+def keep_fastest(key, candidates, label, fn, **timing):
+    """Time fn with each candidate as KLP.CONFIG[key]; leave the fastest there and return it."""
+    best = None
+    for c in candidates:
+        KLP.CONFIG[key] = c
+        try:
+            t = bench(fn, **timing)
+            say(f"   {label} {c}: {t:.2f} ms")
+            if best is None or t < best[0]:
+                best = (t, c)
+        except Exception as e:
+            say(f"   {label} {c}: FAILED {type(e).__name__}: {str(e)[:200]}")
+    KLP.CONFIG[key] = best[1]
+    return best[1]
+
+
 def sweep_logprobs(hidden, weight, targets, up):
     say("sweep, linear_token_logprobs (H=%d): forward no-grad ms / fwd+bwd ms per config" % hidden.shape[1])
     # run 1 (H100, H=2048) tried BM/BV/warps/stages 128/128/8/3 10.67 ms, 128/256/8/3 9.21, 128/128/4/4 12.31,
@@ -142,37 +158,18 @@ def sweep_logprobs(hidden, weight, targets, up):
     fwd_cands = [dict(BM=128, BV=256, BK=64, GROUP_M=16, num_warps=8, num_stages=3),
                  dict(BM=128, BV=256, BK=64, GROUP_M=16, num_warps=8, num_stages=4),
                  dict(BM=256, BV=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)]
-    best = None
-    for c in fwd_cands:
-        KLP.CONFIG["linear_fwd"] = c
-        try:
-            with torch.no_grad():
-                t = bench(lambda: KLP.linear_token_logprobs(hidden, weight, targets), warmup=50, rep=200)
-            say(f"   fwd {c}: {t:.2f} ms")
-            if best is None or t < best[0]:
-                best = (t, c)
-        except Exception as e:
-            say(f"   fwd {c}: FAILED {type(e).__name__}: {str(e)[:200]}")
-    KLP.CONFIG["linear_fwd"] = best[1]
+    with torch.no_grad():
+        fwd = keep_fastest("linear_fwd", fwd_cands, "fwd", lambda: KLP.linear_token_logprobs(hidden, weight, targets),
+                           warmup=50, rep=200)
     bwd_cands = [dict(BM=128, BV=128, BK=64, GROUP_M=4, num_warps=8, num_stages=3),
                  dict(BM=128, BV=128, BK=64, GROUP_M=4, num_warps=8, num_stages=4),
                  dict(BM=128, BV=256, BK=64, GROUP_M=4, num_warps=8, num_stages=4),
                  dict(BM=256, BV=128, BK=64, GROUP_M=2, num_warps=8, num_stages=3)]
-    bestb = None
-    for c in bwd_cands:
-        KLP.CONFIG["linear_bwd"] = c
-        try:
-            def fb():
-                KLP.linear_token_logprobs(hidden, weight, targets).backward(up)
-            t = bench(fb, warmup=50, rep=300, grad_to_none=[hidden])
-            say(f"   fwd+bwd {c}: {t:.2f} ms")
-            if bestb is None or t < bestb[0]:
-                bestb = (t, c)
-        except Exception as e:
-            say(f"   bwd {c}: FAILED {type(e).__name__}: {str(e)[:200]}")
-    KLP.CONFIG["linear_bwd"] = bestb[1]
-    say(f"   chosen: fwd {best[1]}, bwd {bestb[1]}")
-    RESULTS["logprob_configs"] = dict(fwd=best[1], bwd=bestb[1])
+    bwd = keep_fastest("linear_bwd", bwd_cands, "fwd+bwd",
+                       lambda: KLP.linear_token_logprobs(hidden, weight, targets).backward(up),
+                       warmup=50, rep=300, grad_to_none=[hidden])
+    say(f"   chosen: fwd {fwd}, bwd {bwd}")
+    RESULTS["logprob_configs"] = dict(fwd=fwd, bwd=bwd)
 
 
 def sweep_jacobian(hidden, weight, targets, up, mem_naive):

@@ -26,19 +26,10 @@ import math
 import torch
 
 from kernels import triton_available, use_triton
+from minivl.text import decode_attention as decode_attention_reference  # the same attention, in plain PyTorch
 
 CONFIG = {"BS": 64, "num_warps": 4, "programs": 264}  # programs: aim for about 2 per SM (H100: 132 SMs)
 INTERPRET_CONFIG = {"BS": 16, "num_warps": 4, "programs": 8}
-
-
-def decode_attention_reference(q, k, v, mask):
-    """Plain PyTorch, float32 softmax: the same as minivl.text.decode_attention."""
-    N, H, _, Dh = q.shape
-    K = k.shape[1]
-    qg = q.view(N, K, H // K, Dh).float() * Dh**-0.5  # (N, K, G, Dh)
-    scores = qg @ k.float().transpose(-1, -2)  # (N, K, G, S)
-    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return (p @ v.float()).to(v.dtype).view(N, H, 1, Dh)
 
 
 def decode_attention(q, k, v, mask):

@@ -1,0 +1,290 @@
+"""One decoder layer of a one-row decode step in six Triton launches, for the sampler (minivl/sampler.py).
+
+    qkv = norm_matvec(x, input_norm_weight, eps, qkv_weight, qkv_bias)          # rms-norm + q/k/v + bias
+    a = attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)  # rotary, cache write, split-KV
+                                                                                  # attention, merge (two launches)
+    x = matvec_residual(a, o_weight, x)                                           # o-proj + residual
+    act = norm_matvec(x, post_norm_weight, eps, gate_weight, up_weight=up_weight)  # rms-norm + SiLU(gate) * up
+    x = matvec_residual(act, down_weight, x)                                      # down-proj + residual
+
+Why: at one row a decode step is matrix-vector products. Their bytes are the weights (154 MB per layer at
+Qwen2.5-VL-3B: 51 us at 3 TB/s) and everything else is latency: each extra kernel costs a few us of launch,
+ramp and drain. Compiled by inductor the layer is ~12 kernels, ~85 us (benchmarks/NOTES_sampler.md); here every
+small op rides in a product's prologue or epilogue: each program recomputes the rms of the input row (4 KB, from
+L2) before its dot, SiLU-mul and residual adds sit in the epilogues, and gate and up are read from their own
+weights (no fused copy). Each program owns BLOCK_N output rows and walks the input in BLOCK_K chunks,
+accumulating a (BLOCK_N, BLOCK_K) float32 tile that is summed once at the end.
+`attend` is kernels/decode_attention.py's split-KV attention with the rotary and the cache write folded in:
+each program rotates its query heads itself (and normalises them, Qwen3), and the program whose slot range holds
+the new token writes its rotated key and its value into the cache before reading the range; the ranges are merged
+by decode_attention's merge kernel. (Merging in the split kernel, by the last range to finish a head, was measured
+slower on the H100: 8.1 against 5.6 us per layer at Qwen2.5-VL-3B; the merging program walks the ranges alone.)
+
+Numerics follow the PyTorch layer op by op in the activation dtype: the normed input is rounded to the dtype
+before and after the norm weight (transformers' Qwen2RMSNorm), a projection's output is rounded before its bias,
+SiLU and residual adds are rounded where PyTorch rounds them; only the order of each dot's float32 sum differs.
+
+One row only: x (1, 1, D), the cache (1, K, S, Dh). Legend: D model width, O output rows of a product, I the
+MLP width, H query heads, K key/value heads, G = H // K, GP = G padded to a power of two >= 16, Dh head dim,
+S cache slots, BS slots per block, NS slot ranges.
+Tests (CPU, Triton interpreter): python -m pytest tests/test_kernels_decode_layer.py
+Benchmark (GPU): python benchmarks/bench_gemv.py (the products alone), benchmarks/profile_decode.py (the step)
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kernels import triton_available, use_triton
+
+# (BLOCK_N, BLOCK_K, num_warps): output rows per program, input columns per step, warps; `blocks=` overrides them
+# per call. From `bench_gemv.py --sweep` on an H100 (benchmarks/NOTES_sampler.md): two rows per program (many
+# programs, so that many loads are in flight) and about 2048 weight elements per step were within 1-8% of the
+# fastest of 26 points on every Qwen2.5-VL-3B shape; the gated product reads two weights, so half the columns.
+BLOCKS = (2, 1024, 4)
+INTERPRET_BLOCKS = (16, 32, 4)  # small, so that the CPU tests cover several programs and steps
+
+
+def _blocks(device, blocks):
+    return blocks or (BLOCKS if device.type == "cuda" else INTERPRET_BLOCKS)
+
+
+# ----------------------------------------------------------------------------------------- references
+
+def rms_norm_reference(x, weight, eps):
+    # transformers' Qwen2RMSNorm (= minivl.text.RMSNorm)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
+def norm_matvec_reference(x, norm_weight, eps, weight, bias=None, up_weight=None):
+    """W rmsnorm(x) (+ bias); with up_weight: SiLU(W h) * (U h), the gated MLP's first half."""
+    h = rms_norm_reference(x, norm_weight, eps)
+    y = F.linear(h, weight)
+    if up_weight is not None:
+        return F.silu(y) * F.linear(h, up_weight)
+    return y if bias is None else y + bias
+
+
+def matvec_residual_reference(a, weight, residual):
+    return residual + F.linear(a, weight)
+
+
+def attend_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
+    """qkv (1, 1, (H + 2K) Dh) -> attention output (1, H, 1, Dh). Rotates q and k (cos and sin (1, 1, Dh), sin
+    signed as minivl.text.signed_sin; Qwen3 first normalises each head with q_norm / k_norm (Dh,)), writes k and v
+    into the caches (1, K, S, Dh) at `slot` (1,), then attends over the slots `mask` (1, 1, 1, S) allows."""
+    from minivl.text import apply_rotary, decode_attention
+
+    K, Dh = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.view(-1, Dh).split([qkv.shape[-1] // Dh - 2 * K, K, K])  # (H, Dh), (K, Dh), (K, Dh)
+    if q_norm is not None:
+        q, k = rms_norm_reference(q, q_norm, eps), rms_norm_reference(k, k_norm, eps)
+    q, k = apply_rotary(q, cos[0], sin[0]), apply_rotary(k, cos[0], sin[0])
+    k_cache.index_copy_(2, slot, k[None, :, None])
+    v_cache.index_copy_(2, slot, v[None, :, None])
+    return decode_attention(q[None, :, None], k_cache, v_cache, mask)
+
+
+# ----------------------------------------------------------------------------------------- dispatch
+
+def _check(name, cond, message):
+    if not cond:
+        raise ValueError(f"{name}: {message}")
+
+
+def norm_matvec(x, norm_weight, eps, weight, bias=None, up_weight=None, blocks=None):
+    """x (1, 1, D) -> (1, 1, O): W rmsnorm(x) + bias, or SiLU(W h) * (U h) with up_weight (U: (O, D))."""
+    if not use_triton(x, weight):
+        return norm_matvec_reference(x, norm_weight, eps, weight, bias, up_weight)
+    D, O = x.shape[-1], weight.shape[0]
+    _check("norm_matvec", x.numel() == D and weight.shape == (O, D) and norm_weight.shape == (D,)
+           and (bias is None or bias.shape == (O,)) and (up_weight is None or up_weight.shape == (O, D)),
+           f"x {tuple(x.shape)}, norm {tuple(norm_weight.shape)}, weight {tuple(weight.shape)}, bias "
+           f"{None if bias is None else tuple(bias.shape)}, up {None if up_weight is None else tuple(up_weight.shape)}"
+           ": want one row x (D,), norm (D,), weight and up (O, D), bias (O,)")
+    _check("norm_matvec", weight.is_contiguous() and (up_weight is None or up_weight.is_contiguous()),
+           "weights must be contiguous")
+    BN, BK, warps = _blocks(x.device, blocks)
+    if blocks is None and up_weight is not None and x.is_cuda:
+        BK //= 2
+    y = torch.empty(x.shape[:-1] + (O,), dtype=x.dtype, device=x.device)
+    dummy = weight  # pointer arguments a branch never reads
+    _norm_matvec_kernel[(triton.cdiv(O, BN),)](
+        x.contiguous(), norm_weight, weight, dummy if up_weight is None else up_weight,
+        dummy if bias is None else bias, y, O, D, eps, BLOCK_N=BN, BLOCK_K=BK,
+        GATED=up_weight is not None, HAS_BIAS=bias is not None, num_warps=warps)
+    return y
+
+
+def matvec_residual(a, weight, residual, blocks=None):
+    """a (1, 1, K) or any shape of K elements, residual (1, 1, O) -> residual + W a, (1, 1, O)."""
+    if not use_triton(a, weight, residual):
+        return matvec_residual_reference(a.reshape(residual.shape[:-1] + (-1,)), weight, residual)
+    O, K = weight.shape
+    _check("matvec_residual", a.numel() == K and residual.numel() == O and weight.is_contiguous(),
+           f"a {tuple(a.shape)}, weight {tuple(weight.shape)}, residual {tuple(residual.shape)}: want K = "
+           "a.numel(), O = residual.numel() and a contiguous (O, K) weight")
+    BN, BK, warps = _blocks(a.device, blocks)
+    y = torch.empty_like(residual)
+    _matvec_residual_kernel[(triton.cdiv(O, BN),)](
+        a.contiguous(), weight, residual.contiguous(), y, O, K, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps)
+    return y
+
+
+def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
+    if not use_triton(qkv, k_cache):
+        return attend_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)
+    from kernels.decode_attention import CONFIG as SPLIT_CONFIG, INTERPRET_CONFIG as SPLIT_INTERPRET, _merge_kernel
+
+    _, K, S, Dh = k_cache.shape
+    H = qkv.shape[-1] // Dh - 2 * K
+    _check("attend", k_cache.shape[0] == 1 and v_cache.shape == k_cache.shape and H > 0 and H % K == 0
+           and qkv.numel() == (H + 2 * K) * Dh and cos.numel() == Dh and sin.numel() == Dh
+           and mask.shape == (1, 1, 1, S) and mask.dtype == torch.bool
+           and k_cache.is_contiguous() and v_cache.is_contiguous(),
+           f"qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, caches {tuple(k_cache.shape)} / "
+           f"{tuple(v_cache.shape)}, mask {tuple(mask.shape)} {mask.dtype}: want one row, contiguous (1, K, S, Dh) "
+           "caches, (H + 2K) * Dh projections with K dividing H, a bool mask (1, 1, 1, S)")
+    _check("attend", Dh >= 16 and Dh & (Dh - 1) == 0, f"head dim {Dh} must be a power of two >= 16")
+    cfg = SPLIT_CONFIG if qkv.is_cuda else SPLIT_INTERPRET
+    G, BS = H // K, cfg["BS"]
+    blocks = triton.cdiv(S, BS)
+    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(cfg["programs"], K))))  # blocks per range
+    NS = triton.cdiv(blocks, per_split)
+    part = torch.empty(K, NS, G, Dh, dtype=torch.float32, device=qkv.device)  # each range's normalised output
+    lse = torch.empty(K, NS, G, dtype=torch.float32, device=qkv.device)  # and its log2-sum-exp2
+    _attend_kernel[(K, NS)](
+        qkv.contiguous(), cos.contiguous(), sin.contiguous(), q_norm if q_norm is not None else cos,
+        k_norm if k_norm is not None else cos, k_cache, v_cache, slot, mask.view(S).contiguous(), part, lse,
+        S, eps, Dh**-0.5 * math.log2(math.e), H=H, K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh,
+        BS=BS, PER_SPLIT=per_split, NS=NS, QK_NORM=q_norm is not None,
+        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, num_warps=cfg["num_warps"])
+    out = torch.empty(1, H, 1, Dh, dtype=qkv.dtype, device=qkv.device)
+    _merge_kernel[(H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, u_ptr, b_ptr, y_ptr, O, D, eps,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+                            HAS_BIAS: tl.constexpr):
+        dtype = y_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output rows of this program
+        rk = tl.arange(0, BLOCK_K)
+        sq = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, D, BLOCK_K):  # the row's mean square: every program redoes it (D values, from L2)
+            x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < D, other=0.0).to(tl.float32)
+            sq += x * x
+        rstd = tl.rsqrt(tl.sum(sq, axis=0) / D + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * D  # (BLOCK_N, 1)
+        for k0 in range(0, D, BLOCK_K):
+            cols = k0 + rk
+            ok = cols < D
+            x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            h = ((x * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)  # RMSNorm's two roundings
+            tile_ok = (rows < O)[:, None] & ok[None, :]
+            acc += tl.load(w_rows + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32) * h[None, :]
+            if GATED:
+                u = tl.load(u_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=tile_ok, other=0.0)
+                acc_up += u.to(tl.float32) * h[None, :]
+        y = tl.sum(acc, axis=1).to(dtype).to(tl.float32)  # (BLOCK_N,), rounded as F.linear's output
+        if GATED:
+            up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+            silu = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
+            y = silu * up
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < O, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(dtype), mask=rows < O)
+
+    @triton.jit
+    def _matvec_residual_kernel(a_ptr, w_ptr, r_ptr, y_ptr, O, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        dtype = y_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + rk
+            a = tl.load(a_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=(rows < O)[:, None] & (cols < K)[None, :], other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        y = tl.sum(acc, axis=1).to(dtype).to(tl.float32)
+        r = tl.load(r_ptr + rows, mask=rows < O, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, (r + y).to(dtype), mask=rows < O)
+
+    @triton.jit
+    def _rope_heads(ptr, row_ok, rd, swap, cos, sin, nw_ptr, eps, DH: tl.constexpr, QK_NORM: tl.constexpr):
+        """Rows of heads at ptr (row r at ptr + r * DH; row_ok (R, 1)) -> rotated (R, DH) in the cache dtype, with
+        text.apply_rotary's roundings (and Qwen3's per-head RMSNorm first)."""
+        dtype = ptr.dtype.element_ty
+        x = tl.load(ptr + rd[None, :], mask=row_ok, other=0.0).to(tl.float32)  # (R, DH)
+        xs = tl.load(ptr + swap[None, :], mask=row_ok, other=0.0).to(tl.float32)  # rotate-half partner [x2, x1]
+        if QK_NORM:
+            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / DH + eps)[:, None]
+            x = ((x * rstd).to(dtype).to(tl.float32) * tl.load(nw_ptr + rd)[None, :].to(tl.float32)).to(dtype)
+            xs = ((xs * rstd).to(dtype).to(tl.float32) * tl.load(nw_ptr + swap)[None, :].to(tl.float32)).to(dtype)
+            x, xs = x.to(tl.float32), xs.to(tl.float32)
+        return ((x * cos[None, :]).to(dtype).to(tl.float32) + xs * sin[None, :]).to(dtype)  # mul, then addcmul
+
+    @triton.jit
+    def _attend_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr, slot_ptr, mask_ptr, part_ptr,
+                       lse_ptr, S, eps, qk_scale, H: tl.constexpr, K: tl.constexpr,
+                       G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
+                       PER_SPLIT: tl.constexpr, NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr):
+        kh, split = tl.program_id(0), tl.program_id(1)  # key/value head, slot range
+        rg, rd, rs = tl.arange(0, GP), tl.arange(0, DH), tl.arange(0, BS)
+        swap = (rd + DH // 2) % DH
+        cos = tl.load(cos_ptr + rd).to(tl.float32)
+        sin = tl.load(sin_ptr + rd).to(tl.float32)
+        slot = tl.load(slot_ptr)
+        # the G query heads of this key/value head, rotated: q is qkv's first H * DH
+        q = _rope_heads(qkv_ptr + (kh * G + rg)[:, None] * DH, (rg < G)[:, None], rd, swap, cos, sin, qn_ptr,
+                        eps, DH, QK_NORM)  # (GP, DH)
+        kv = kh * S * DH
+        first = split * PER_SPLIT * BS
+        if (slot >= first) & (slot < first + PER_SPLIT * BS):  # the new token's slot is in this range
+            k_new = _rope_heads(qkv_ptr + (H + kh) * DH + rg[:, None] * 0, (rg < 1)[:, None], rd, swap, cos, sin,
+                                kn_ptr, eps, DH, QK_NORM)  # (GP, DH), row 0 is the key
+            tl.store(kc_ptr + kv + slot * DH + rg[:, None] * 0 + rd[None, :], k_new, mask=(rg < 1)[:, None])
+            tl.store(vc_ptr + kv + slot * DH + rd, tl.load(qkv_ptr + (H + K + kh) * DH + rd))
+            tl.debug_barrier()  # the block loads below, by other threads, must see them
+        m_i = tl.zeros([GP], tl.float32) - float("inf")  # the online softmax of decode_attention._split_kernel
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DH], tl.float32)
+        for b in range(PER_SPLIT):
+            slots = first + b * BS + rs  # (BS,)
+            live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)
+            if tl.max(live.to(tl.int32), axis=0) > 0:  # skip blocks nobody may read
+                offs = kv + slots[:, None] * DH + rd[None, :]  # (BS, DH)
+                k = tl.load(kc_ptr + offs, mask=live[:, None], other=0.0)
+                if F32:  # float32 caches; and the CPU interpreter, whose bf16 dot is wrong (triton 3.9)
+                    scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(k))  # (GP, BS)
+                scores = tl.where(live[None, :], (scores * qk_scale).to(tl.float32), float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                p = tl.exp2(scores - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                v = tl.load(vc_ptr + offs, mask=live[:, None], other=0.0)
+                p_v = p.to(v.dtype)
+                if F32:
+                    pv = tl.dot(p_v.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+                else:
+                    pv = tl.dot(p_v, v)  # (GP, DH)
+                acc = acc * alpha[:, None] + pv
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+        row = kh * NS + split
+        tl.store(part_ptr + (row * G + rg)[:, None] * DH + rd[None, :], acc / tl.where(l_i > 0, l_i, 1.0)[:, None],
+                 mask=(rg < G)[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # -inf: no live slot
+        tl.store(lse_ptr + row * G + rg, lse, mask=rg < G)

@@ -1,0 +1,167 @@
+"""kernels.decode_layer (the one-row decode layer's kernels) against float64 references, under TRITON_INTERPRET=1.
+
+The references here are written independently of kernels/decode_layer.py's PyTorch twins, in float64 with the
+rounding points of the bf16 layer made explicit (`rnd`), so a kernel that skips a rounding, a bias, the norm
+weight, the SiLU or a residual fails.
+"""
+import pytest
+import torch
+
+from helpers import fresh_generator, import_interpreted
+
+dl = import_interpreted("kernels.decode_layer", "_norm_matvec_kernel")  # first (see helpers.import_interpreted)
+
+
+def rnd(t, dtype):
+    """float64 -> rounded to dtype -> float64: where the PyTorch layer stores an intermediate in its dtype."""
+    return t.to(dtype).double()
+
+
+def rms64(x, w, eps, dtype):
+    x = x.double()
+    normed = rnd(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), dtype)
+    return rnd(normed * w.double(), dtype)
+
+
+# bf16: products of 2^-9-relative inputs summed in float32 over up to 100 terms of size ~1: outputs ~10 are
+# rounded to bf16 (2^-8 * 10 ~ 0.04 absolute step); the float64 reference rounds at the same points, so the two
+# differ by at most one bf16 step where a float32 sum lands near a rounding boundary.
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=0.1, rtol=2e-2)}
+
+# (D, O): neither a multiple of the interpreter's blocks (16 rows, 32 columns); one smaller than a block
+SHAPES = [(100, 37), (64, 16), (20, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D,O", SHAPES)
+@pytest.mark.parametrize("kind", ["plain", "bias", "gated"])
+def test_norm_matvec(kind, D, O, dtype, triton_cpu):
+    gen, seed = fresh_generator()
+    x = torch.randn(1, 1, D, generator=gen).mul(3).to(dtype)
+    nw = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype)
+    w = (torch.randn(O, D, generator=gen) / D**0.5).to(dtype)
+    b = torch.randn(O, generator=gen).to(dtype) if kind == "bias" else None
+    u = (torch.randn(O, D, generator=gen) / D**0.5).to(dtype) if kind == "gated" else None
+    got = dl.norm_matvec(x, nw, 1e-6, w, b, u)
+    h = rms64(x, nw, 1e-6, dtype)
+    want = rnd(h @ w.double().T, dtype)
+    if kind == "bias":
+        want = want + b.double()
+    if kind == "gated":
+        want = rnd(torch.nn.functional.silu(want), dtype) * rnd(h @ u.double().T, dtype)
+    assert got.shape == (1, 1, O) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), rnd(want, dtype), **TOL[dtype], msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D,O", SHAPES)
+def test_matvec_residual(D, O, dtype, triton_cpu):
+    gen, seed = fresh_generator()
+    a = torch.randn(1, 1, D, generator=gen).to(dtype)
+    w = (torch.randn(O, D, generator=gen) / D**0.5).to(dtype)
+    r = torch.randn(1, 1, O, generator=gen).mul(4).to(dtype)
+    got = dl.matvec_residual(a, w, r)
+    want = rnd(r.double() + rnd(a.reshape(1, 1, D).double() @ w.double().T, dtype), dtype)
+    assert got.shape == (1, 1, O) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=f"seed {seed}")
+
+
+def rotate64(x, cos, sin_signed, dtype):
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return rnd(rnd(x * cos, dtype) + swapped * sin_signed, dtype)
+
+
+def attention64(q, k, v, mask):
+    """q (H, Dh), k and v (K, S, Dh), mask (S,) -> (H, Dh), float64."""
+    H, Dh = q.shape
+    K = k.shape[0]
+    scores = q.view(K, H // K, Dh) @ k.transpose(-1, -2) * Dh**-0.5  # (K, G, S)
+    return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v).view(H, Dh)
+
+
+# (H, K, Dh, S, slot, left padding): one range (S within a block), several ranges with the new slot in the first,
+# a middle and the last one, padding covering whole blocks, a single readable slot (the new one)
+ATTEND_CASES = [(4, 2, 16, 12, 11, 0), (4, 2, 16, 100, 3, 0), (8, 2, 32, 100, 57, 20), (6, 2, 16, 70, 69, 33),
+                (2, 1, 16, 40, 0, 0), (4, 4, 16, 50, 30, 30)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("case", ATTEND_CASES)
+def test_attend(case, qk_norm, dtype, triton_cpu):
+    H, K, Dh, S, slot, pad = case
+    gen, seed = fresh_generator()
+    qkv = torch.randn(1, 1, (H + 2 * K) * Dh, generator=gen).mul(2).to(dtype)
+    angle = torch.randn(Dh // 2, generator=gen).repeat(2)
+    cos, sin = angle.cos().to(dtype).view(1, 1, Dh), angle.sin().to(dtype)
+    sin = torch.cat([-sin[: Dh // 2], sin[Dh // 2:]]).view(1, 1, Dh)  # signed, as text.signed_sin
+    qn = (1 + 0.3 * torch.randn(Dh, generator=gen)).to(dtype) if qk_norm else None
+    kn = (1 + 0.3 * torch.randn(Dh, generator=gen)).to(dtype) if qk_norm else None
+    k_cache = torch.randn(1, K, S, Dh, generator=gen).to(dtype)
+    v_cache = torch.randn(1, K, S, Dh, generator=gen).to(dtype)
+    mask = (torch.arange(S) >= pad) & (torch.arange(S) <= slot)
+    # slots nobody may read (left padding, the unwritten tail) and the new slot before it is written hold NaN:
+    # the kernel must never read the first two, and must write the third before reading it
+    k_cache[:, :, ~mask], v_cache[:, :, ~mask] = float("nan"), float("nan")
+    k_cache[:, :, slot], v_cache[:, :, slot] = float("nan"), float("nan")
+    before = k_cache.clone(), v_cache.clone()
+
+    heads = qkv.double().view(H + 2 * K, Dh)
+    q64, k64, v64 = heads[:H], heads[H : H + K], heads[H + K :]
+    if qk_norm:
+        q64, k64 = rms64(q64, qn, 1e-6, dtype), rms64(k64, kn, 1e-6, dtype)
+    c, s = cos.double().view(Dh), sin.double().view(Dh)
+    q64, k64 = rotate64(q64, c, s, dtype), rotate64(k64, c, s, dtype)
+    k_want, v_want = before[0][0].double(), before[1][0].double()
+    k_want[:, slot], v_want[:, slot] = k64, v64
+    want = attention64(q64, k_want.nan_to_num(), v_want.nan_to_num(), mask)
+
+    for call in range(2):  # twice: a second call over the cache it wrote gives the same
+        out = dl.attend(qkv, cos, sin, qn, kn, 1e-6, k_cache, v_cache, torch.tensor([slot]), mask.view(1, 1, 1, S))
+        assert out.shape == (1, H, 1, Dh) and out.dtype == dtype
+        # bf16: the output is rounded (2^-9 relative), p is rounded to bf16 for the p.v dot, and q/k enter the
+        # scores rounded (|scores| up to ~10): 3e-2 absolute on outputs of size ~1-3 covers it
+        tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+        torch.testing.assert_close(out.double().view(H, Dh), want, **tol, msg=f"seed {seed}, call {call}")
+    torch.testing.assert_close(k_cache[0, :, slot].double(), k64, **TOL[dtype], msg=f"seed {seed}")
+    assert torch.equal(v_cache[0, :, slot].double(), v64)
+    others = [i for i in range(S) if i != slot]  # nothing else in the caches moved (NaN compared as equal)
+    assert torch.equal(k_cache[:, :, others].nan_to_num(7), before[0][:, :, others].nan_to_num(7))
+    assert torch.equal(v_cache[:, :, others].nan_to_num(7), before[1][:, :, others].nan_to_num(7))
+
+
+def test_bad_shapes_are_named(triton_cpu):
+    x, w = torch.randn(1, 1, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="norm_matvec"):
+        dl.norm_matvec(x, torch.ones(8), 1e-6, torch.randn(4, 6))
+    with pytest.raises(ValueError, match="norm_matvec"):
+        dl.norm_matvec(torch.randn(2, 1, 8), torch.ones(8), 1e-6, w)  # two rows
+    with pytest.raises(ValueError, match="matvec_residual"):
+        dl.matvec_residual(torch.randn(1, 1, 7), w, torch.randn(1, 1, 4))
+    cache = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="attend"):  # two rows
+        dl.attend(torch.randn(1, 1, 48), torch.ones(1, 1, 16), torch.ones(1, 1, 16), None, None, 1e-6,
+                  torch.zeros(2, 1, 4, 16), torch.zeros(2, 1, 4, 16), torch.tensor([0]), torch.ones(1, 1, 1, 4) > 0)
+    with pytest.raises(ValueError, match="attend"):  # a mask of the wrong length
+        dl.attend(torch.randn(1, 1, 48), torch.ones(1, 1, 16), torch.ones(1, 1, 16), None, None, 1e-6, cache,
+                  cache.clone(), torch.tensor([0]), torch.ones(1, 1, 1, 5) > 0)
+    with pytest.raises(ValueError, match="head dim"):
+        dl.attend(torch.randn(1, 1, 36), torch.ones(1, 1, 12), torch.ones(1, 1, 12), None, None, 1e-6,
+                  torch.zeros(1, 1, 4, 12), torch.zeros(1, 1, 4, 12), torch.tensor([0]), torch.ones(1, 1, 1, 4) > 0)
+
+
+def test_twins_agree(triton_cpu, monkeypatch):
+    """The PyTorch twins that the CPU path runs give what the kernels give (float32)."""
+    gen, seed = fresh_generator()
+    D, O = 48, 24
+    x, nw = torch.randn(1, 1, D, generator=gen), 1 + 0.1 * torch.randn(D, generator=gen)
+    w, u, b = torch.randn(O, D, generator=gen), torch.randn(O, D, generator=gen), torch.randn(O, generator=gen)
+    r = torch.randn(1, 1, O, generator=gen)
+    got = [dl.norm_matvec(x, nw, 1e-6, w, b), dl.norm_matvec(x, nw, 1e-6, w, up_weight=u),
+           dl.matvec_residual(x, w, r)]
+    monkeypatch.setenv("MINIVL_KERNELS", "reference")
+    want = [dl.norm_matvec(x, nw, 1e-6, w, b), dl.norm_matvec(x, nw, 1e-6, w, up_weight=u),
+            dl.matvec_residual(x, w, r)]
+    for g, t in zip(got, want):
+        torch.testing.assert_close(g, t, atol=1e-4, rtol=1e-5, msg=f"seed {seed}")

@@ -37,6 +37,7 @@ Shapes: B prompts, n answers per prompt, N = B*n rows, T0 prompt length (padding
 V vocabulary, L generated length.
 """
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -61,18 +62,30 @@ class Sampling:
 class DecodeOptions:
     """How the decode step is built. Each is timed against the weight-bandwidth floor, with a per-kernel profile,
     by benchmarks/profile_decode.py (results: benchmarks/NOTES_sampler.md). The defaults are the fastest measured
-    (H100, Qwen2.5-VL-3B / Qwen3-VL-8B shapes): 4.39 -> 3.36 ms / 7.45 -> 6.24 ms per step at one row, 7.16 ->
-    4.92 ms at 64 rows (3B). fuse=() saves the fused copies' memory (3.4 / 8.4 GiB during a call)."""
+    (H100, Qwen2.5-VL-3B / Qwen3-VL-8B shapes): at one row the kernel layers, 2.89 / 6.00 ms per step against 3.38 /
+    6.92 ms for the best compiled layer in the same process (session 1's step: 4.39 / 7.45 ms); at 64 rows (3B)
+    the compiled layer with fused weights, 4.92 ms against 7.16. fuse=() saves the compiled step's fused copies'
+    memory (3.4 / 8.4 GiB during a call of several rows)."""
     attention: str = "auto"  # "sdpa"; "math": text.decode_attention, the T = 1 attention written out for
     # inductor; "triton": kernels/decode_attention.py, split-KV over the written slots only (CUDA, or the CPU under
     # TRITON_INTERPRET=1); "auto": math for a single row (3.36 vs 3.65 ms), SDPA for more (64 rows: 4.92 vs 9.15 ms)
-    fuse: tuple = ("qkv", "gate_up")  # projections that read the same input as one matmul (fuse_weights)
+    fuse: tuple = ("qkv", "gate_up")  # projections the compiled step reads as one matmul each (fuse_weights)
     coordinate_descent: bool = True  # inductor's coordinate_descent_tuning (gpt-fast): one-row matmuls become
     # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm); compiles ~25 s
+    layer: str = "kernels"  # a step of one row on CUDA runs each plain decoder layer as the six hand-written
+    # Triton launches of kernels/decode_layer.py (run_layer_kernels, with its own fused q/k/v weight whatever
+    # `fuse` says); "compiled": through run_layer and inductor, as every step of several rows does
 
     def __post_init__(self):
-        if self.attention not in ("auto", "sdpa", "math", "triton") or not set(self.fuse) <= {"qkv", "gate_up"}:
+        if self.attention not in ("auto", "sdpa", "math", "triton") or not set(self.fuse) <= {"qkv", "gate_up"} \
+                or self.layer not in ("compiled", "kernels"):
             raise ValueError(f"unknown decode options {self}")
+
+    def kernel_layers(self, token):
+        """Whether a step over rows `token` (N,) runs its plain layers as run_layer_kernels: one row, on CUDA (or
+        on the CPU through Triton's interpreter when MINIVL_KERNELS=triton, for tests)."""
+        return self.layer == "kernels" and token.shape[0] == 1 and (
+            token.is_cuda or os.environ.get("MINIVL_KERNELS") == "triton")
 
     def attention_fn(self, rows):
         if self.attention == "triton":
@@ -266,7 +279,10 @@ def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, p
         logprobs=torch.zeros(N, max_new_tokens, device=device),
         logits=torch.zeros(N, text_cfg.vocab_size, device=device),
         banned=torch.tensor(vision_token_ids(cfg), **i64), eos=torch.tensor(eos, **i64),
-        seed=torch.tensor(seed, **i64), pad_id=pad_id, decode=decode, fused=fuse_weights(model, decode.fuse))
+        seed=torch.tensor(seed, **i64), pad_id=pad_id, decode=decode, fused=[])
+    # run_layer_kernels reads gate and up from their own weights: no fused copy for them
+    groups = ("qkv",) if decode.kernel_layers(state.token) else decode.fuse
+    state.fused = fuse_weights(model, groups)
     record(state, logits.repeat_interleave(n, dim=0), sampling)
     return state
 
@@ -319,6 +335,28 @@ def run_layer(layer, x, cos, sin, mask, layer_cache, fused, attention_fn):
     return x + mlp.down_proj(F.silu(gate) * up)
 
 
+def kernels_can_run(layer, fused):
+    """Whether run_layer_kernels can take this layer: plain linear projections (no LoRA adapter), a dense MLP."""
+    attn, mlp = layer.self_attn, layer.mlp
+    power_of_two = attn.head_dim >= 16 and attn.head_dim & (attn.head_dim - 1) == 0  # the attention's dots
+    return fused.qkv is not None and type(mlp) is MLP and power_of_two and all(
+        type(m) is nn.Linear for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+
+
+def run_layer_kernels(layer, x, cos, sin, mask, layer_cache, fused):
+    """run_layer for one row in six hand-written Triton launches (kernels/decode_layer.py): every small op rides
+    in a matrix-vector product's prologue or epilogue. x (1, 1, D)."""
+    from kernels.decode_layer import attend, matvec_residual, norm_matvec
+
+    attn, mlp, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+    qkv = norm_matvec(x, norm.weight, norm.eps, fused.qkv, fused.qkv_bias)  # (1, 1, (H + 2K) * Dh)
+    qn, kn, eps = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
+    a = attend(qkv, cos, sin, qn, kn, eps, layer_cache.k, layer_cache.v, layer_cache.positions, mask)  # (1,H,1,Dh)
+    x = matvec_residual(a, attn.o_proj.weight, x)
+    act = norm_matvec(x, post.weight, post.eps, mlp.gate_proj.weight, up_weight=mlp.up_proj.weight)  # (1, 1, I)
+    return matvec_residual(act, mlp.down_proj.weight, x)
+
+
 def step_outputs(model, state, x, sampling):
     """Final norm, lm_head, sample; then move to the next slot."""
     record(state, model.lm_head(model.model.language_model.norm(x)[:, 0]).float(), sampling)
@@ -334,10 +372,17 @@ def decode_step(model, state, sampling, parts=PARTS):
     begin, layer_fn, end = parts
     text = model.model.language_model
     attention_fn = state.decode.attention_fn(state.token.shape[0])
+    kernel_layers = state.decode.kernel_layers(state.token)
+    if kernel_layers:
+        import kernels  # imported when first used: Triton with it
+        kernels.check_ours()
     x, cos, sin, mask = begin(text, state)
     for i, layer in enumerate(text.layers):
-        x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i], attention_fn)  # (N,1,D)
-    end(model, state, x, sampling)
+        if kernel_layers and kernels_can_run(layer, state.fused[i]):
+            x = run_layer_kernels(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i])
+        else:
+            x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i], attention_fn)
+    end(model, state, x, sampling)  # x: (N, 1, D)
 
 
 _compiled_parts = {}  # inductor options -> PARTS through torch.compile with them

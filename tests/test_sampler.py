@@ -21,14 +21,16 @@ from helpers import IDS, import_interpreted, left_pad, mm_token_type_ids, pixels
 from minivl import sampler
 
 import_interpreted("kernels.decode_attention", "_split_kernel")  # before anything imports triton (helpers.py)
+import_interpreted("kernels.decode_layer", "_norm_matvec_kernel")
+import_interpreted("kernels.lora", "_lora_fwd_kernel")  # the LoRA layers of a test run through it too
 BANNED = [IDS["vision_start_token_id"], IDS["vision_end_token_id"], IDS["image_token_id"], IDS["video_token_id"]]
 TOL = 1e-4
 FUSE = ("qkv", "gate_up")
-DECODE = {"sdpa": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=False),
-          "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False),
-          "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False),
-          "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True),
-          "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=False)}
+DECODE = {"sdpa": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=False, layer="compiled"),
+          "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False, layer="compiled"),
+          "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False, layer="compiled"),
+          "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True, layer="compiled"),
+          "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=False, layer="compiled")}
 
 
 def use_decode(name, monkeypatch):
@@ -176,11 +178,58 @@ def test_fused_weights_skip_lora_and_follow_updates(pair):
     assert not torch.equal(adapted, before) and torch.equal(greedy(fused), adapted)
 
 
+def test_kernel_layers_on_one_row(pair, monkeypatch):
+    """DecodeOptions(layer="kernels"): a one-row step runs each plain layer as kernels/decode_layer.py's kernels
+    (Triton's interpreter here). Greedy tokens equal transformers', every step's logits equal a full forward, a
+    layer with a LoRA adapter falls back to the compiled layer function."""
+    from minivl import lora
+
+    family, hf, ours = pair
+    image = (1, 8, 8)
+    ids, mask = left_pad([text(4, 1) + vision_block(image) + text(6, 2)])
+    pv, thw = pixels(family, [image])
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw)
+    decode = sampler.DecodeOptions(fuse=(), coordinate_descent=False, layer="kernels")  # q/k/v fused all the same
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MINIVL_KERNELS", "triton")
+    calls = []
+    run = sampler.run_layer_kernels
+    monkeypatch.setattr(sampler, "run_layer_kernels", lambda *a: calls.append(1) or run(*a))
+    steps, layers = 10, len(ours.model.language_model.layers)
+    out = minivl.generate(ours, batch, max_new_tokens=steps, temperature=0.0, decode=decode)
+    assert torch.equal(out.tokens, hf_generate(hf, batch, steps))
+    assert len(calls) == (0 if family == "qwen3_vl_moe" else layers * (steps - 1))  # MoE layers: compiled path
+
+    s = sampler.Sampling(temperature=0.9)
+    with torch.no_grad():
+        state = sampler.prefill(ours, batch, 1, steps, s, eos=[], pad_id=0, seed=2, decode=decode)
+        logits = [state.logits.clone()]
+        for _ in range(steps - 1):
+            sampler.decode_step(ours, state, s)
+            logits.append(state.logits.clone())
+        full = ours(torch.cat([ids, state.tokens], 1), attention_mask=torch.cat(
+            [mask, torch.ones_like(state.tokens)], 1), pixel_values=pv, image_grid_thw=thw)
+    assert (torch.stack(logits, 1) - full[:, ids.shape[1] - 1 : -1].float()).abs().max() <= TOL
+
+    if family != "qwen3_vl_moe":
+        model = copy.deepcopy(ours)
+        torch.manual_seed(0)
+        lora.inject(model, [n for n in lora.select_linear(model) if ".layers.0." in n], r=4, alpha=8,
+                    init_weights=False)
+        calls.clear()
+        adapted = minivl.generate(model, batch, max_new_tokens=steps, temperature=0.0, decode=decode)
+        assert torch.equal(adapted.tokens, minivl.generate(model, batch, max_new_tokens=steps, temperature=0.0,
+                                                           decode=DECODE["sdpa"]).tokens)
+        assert len(calls) == (layers - 1) * (steps - 1)  # layer 0 has LoRA
+
+
 def test_decode_options_are_checked():
     with pytest.raises(ValueError):
         sampler.DecodeOptions(attention="flash")
     with pytest.raises(ValueError):
         sampler.DecodeOptions(fuse=("qkv", "o"))
+    with pytest.raises(ValueError):
+        sampler.DecodeOptions(layer="eager")
     # "auto" (the default) writes attention out for a single row only: at 64 rows SDPA was 1.9x faster
     auto = sampler.DecodeOptions()
     assert auto.attention_fn(1) is sampler.decode_attention and auto.attention_fn(2) is sampler.attention

@@ -8,7 +8,12 @@ SiLU(gate) * up for its rows, and reads the (2, I) input again.
 Each call is timed inside a CUDA graph of calls that cycle over enough weight copies (>= 256 MB) that no weight
 is in L2 when read, as in a decode step where every layer has its own.
 
+It also times minivl's own one-row kernels (kernels/decode_layer.py) on the same shapes, with what the decode
+step fuses into them: the rms-norm before qkv and gate/up (and SiLU-mul after gate/up), the residual add after o
+and down. `--sweep` times a grid of their block sizes per shape first and uses the fastest for each.
+
     python benchmarks/bench_gemv.py            # Qwen2.5-VL-3B and Qwen3-VL-8B shapes, bf16
+    python benchmarks/bench_gemv.py --sweep    # and sweep the one-row kernels' (BLOCK_N, BLOCK_K, warps)
 """
 import argparse
 import os
@@ -46,10 +51,49 @@ def silu_mul(gu):
     return F.silu(gate) * up
 
 
+def ours(proj, out, inp):
+    """minivl's kernel for one projection, as run_layer_kernels calls it: fn(x, weight, blocks), and its float32
+    reference (the kernels' PyTorch twins)."""
+    from kernels import decode_layer as dl
+
+    nw = torch.ones(inp, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(out, device="cuda", dtype=torch.bfloat16) * 0.02
+    res = torch.randn(1, 1, out // 2 if proj == "gate_up" else out, device="cuda", dtype=torch.bfloat16)
+    if proj == "qkv":
+        return (lambda x, w, b=None: dl.norm_matvec(x, nw, 1e-6, w, bias, blocks=b),
+                lambda x, w: dl.norm_matvec_reference(x.float(), nw.float(), 1e-6, w.float(), bias.float()))
+    if proj == "gate_up":
+        half = out // 2  # gate and up read from their own halves, no fused copy
+        return (lambda x, w, b=None: dl.norm_matvec(x, nw, 1e-6, w[:half], up_weight=w[half:], blocks=b),
+                lambda x, w: dl.norm_matvec_reference(x.float(), nw.float(), 1e-6, w[:half].float(),
+                                                      up_weight=w[half:].float()))
+    return (lambda x, w, b=None: dl.matvec_residual(x, w, res, blocks=b),
+            lambda x, w: dl.matvec_residual_reference(x.float(), w.float(), res.float()))
+
+
+def sweep(proj, fn, x, weights, out, inp):
+    """Time fn over a grid of (BLOCK_N, BLOCK_K, num_warps); print the five fastest, return the fastest."""
+    timed = []
+    for bn in (2, 4, 8, 16):
+        for bk in (256, 512, 1024, 2048):
+            for warps in (4, 8):
+                if bk > max(256, inp) or bn * bk > 32768 or bn * bk < 32 * warps * 8:
+                    continue  # wider than the row, too many registers, or under 8 elements a thread
+                try:
+                    timed.append((graph_us(lambda x, w: fn(x, w, (bn, bk, warps)), x, weights), (bn, bk, warps)))
+                except Exception as e:  # e.g. out of shared memory / registers: skip that point
+                    print(f"  {proj} {(bn, bk, warps)} failed: {type(e).__name__}: {str(e)[:120]}")
+    timed.sort()
+    print(f"  sweep {proj} {out}x{inp}: " + ", ".join(f"{b} {us:.2f} us" for us, b in timed[:5]), flush=True)
+    return timed[0][1]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=list(SHAPES))
+    ap.add_argument("--sweep", action="store_true", help="sweep the one-row kernels' block sizes per shape")
     args = ap.parse_args()
+    os.environ.setdefault("MINIVL_KERNELS", "triton")
     bw = copy_bandwidth("cuda")
     print(f"# bench_gemv: {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
           f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
@@ -68,9 +112,17 @@ def main():
                 gu = torch.randn(1, 1, 2 * inp, device="cuda", dtype=torch.bfloat16)
                 variants["inductor cd, silu-mul fused"] = lambda _, w: fused_down_cd(gu, w)
                 variants["inductor cd, silu-mul apart"] = lambda _, w: linear_cd(silu_mul_cd(gu), w)
+            kernel, kernel_ref = ours(proj, out, inp)
+            blocks = sweep(proj, kernel, x, weights, out, inp) if args.sweep else None
+            variants[f"minivl kernel {blocks or 'default'}" + ("" if proj in ("qkv", "gate_up") else " + residual")
+                     + (" + norm" if proj in ("qkv", "gate_up") else "") + (" + silu-mul" if proj == "gate_up" else "")
+                     ] = lambda x, w: kernel(x, w, blocks)
             ref = F.linear(x.float(), weights[0].float())
             for label, fn in variants.items():
-                if "silu" not in label:  # same numbers as cuBLAS in float32 (the fused ones take another input)
+                if label.startswith("minivl"):  # against its float32 twin
+                    want = kernel_ref(x, weights[0])
+                    err = float((fn(x, weights[0]).float() - want).abs().max() / want.abs().max())
+                elif "silu" not in label:  # same numbers as cuBLAS in float32 (the fused ones take another input)
                     err = float((fn(x, weights[0]).float() - ref).abs().max() / ref.abs().max())
                 else:
                     err = float("nan")

@@ -17,7 +17,8 @@ decode step compiled and captured as a CUDA graph (sampler.cuda_graph_step; each
 Variants: baseline (session 1's step: SDPA, no fusion, no tuning), cd (coordinate_descent), all (cd + fused + math), cd+fused, math
 (attention="math"), fused (q/k/v and gate/up), in that order: what each option adds under coordinate-descent
 tuning, then each of the two others alone; then triton (all, with kernels/decode_attention.py's split-KV attention
-instead of the written-out one).
+instead of the written-out one); then kernels (each decoder layer as kernels/decode_layer.py's hand-written
+launches, at one row).
 At the end, for the shapes in --b64: the baseline and the fastest variant (also without its written-out
 attention, if it has it), or the --b64-variants, at 64 rows (8 prompts x 8 answers, temperature 1, a cache for 512 new tokens as in
 bench_sampler), so that a batch-1 win does not cost GRPO rollouts.
@@ -45,13 +46,15 @@ from minivl.model import VLModel  # noqa: E402
 
 FUSE = ("qkv", "gate_up")
 VARIANTS = {  # the most telling first: a variant that would start after the time budget is skipped
-    "baseline": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=False),
-    "cd": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=True),
-    "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True),
-    "cd+fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=True),
-    "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False),
-    "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False),
-    "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=True),  # split-KV kernel
+    "baseline": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=False, layer="compiled"),
+    "cd": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=True, layer="compiled"),
+    "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True, layer="compiled"),
+    "cd+fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=True, layer="compiled"),
+    "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False, layer="compiled"),
+    "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False, layer="compiled"),
+    "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=True, layer="compiled"),  # split-KV kernel
+    # one-row layers as kernels/decode_layer.py's six launches (the rest of the step compiled as in "triton")
+    "kernels": sampler.DecodeOptions(attention="triton", fuse=("qkv",), coordinate_descent=True, layer="kernels"),
 }
 LOG = []
 
@@ -254,8 +257,14 @@ def main():
     ap.add_argument("--budget", type=float, default=270,
                     help="seconds after which no variant (but a baseline) or b=64 check starts")
     ap.add_argument("--smoke", action="store_true", help="tiny widths, 2 layers, eager steps: does it run?")
+    ap.add_argument("--kernel-blocks", nargs=3, type=int, metavar=("BLOCK_N", "BLOCK_K", "WARPS"),
+                    help="block sizes of kernels/decode_layer.py's products (its BLOCKS) for this run")
     ap.add_argument("--out", help="directory for profile_decode.json and profile_decode.log")
     args = ap.parse_args()
+    if args.kernel_blocks:
+        from kernels import decode_layer
+        decode_layer.BLOCKS = tuple(args.kernel_blocks)
+        say(f"kernels/decode_layer.py BLOCKS = {decode_layer.BLOCKS}")
     if args.smoke:
         args.tokens, args.warmup, args.replays, args.profile, args.top = 24, 2, 5, 2, 6
         args.prompts, args.samples, args.tokens_64, args.replays_64 = 2, 2, 12, 3

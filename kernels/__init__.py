@@ -1,5 +1,6 @@
-"""minivl's Triton kernels: fused log-probs (`kernels.logprobs`), fused LoRA linear (`kernels.lora`) and the
-sampler's split-KV decode attention (`kernels.decode_attention`).
+"""minivl's Triton kernels: fused log-probs (`kernels.logprobs`), fused LoRA linear (`kernels.lora`), and for the
+sampler the split-KV decode attention (`kernels.decode_attention`) and the one-row decoder layer
+(`kernels.decode_layer`).
 
 Each public function has a plain-PyTorch `*_reference` twin with the same signature. Which one runs:
 

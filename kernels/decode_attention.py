@@ -77,16 +77,27 @@ if triton_available():
                       PER_SPLIT: tl.constexpr, NS: tl.constexpr, F32: tl.constexpr):
         nk, split = tl.program_id(0), tl.program_id(1)
         n, kh = nk // K, nk % K
-        rg, rd, rs = tl.arange(0, GP), tl.arange(0, DH), tl.arange(0, BS)
+        rg, rd = tl.arange(0, GP), tl.arange(0, DH)
         # the G query heads of key/value head kh: q is (N, K*G, 1, DH) contiguous
         q = tl.load(q_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], mask=(rg < G)[:, None], other=0.0)  # (GP, DH)
+        kv = n.to(tl.int64) * s_n + kh * s_k
+        _attend_range(q, k_ptr, v_ptr, mask_ptr + n * S, kv, split * PER_SPLIT * BS, S, s_s, qk_scale,
+                      part_ptr, lse_ptr, nk * NS + split, G, GP, DH, BS, PER_SPLIT, F32)
+
+    @triton.jit
+    def _attend_range(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, part_ptr, lse_ptr, row,
+                      G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, PER_SPLIT: tl.constexpr,
+                      F32: tl.constexpr):
+        """q (GP, DH) over the PER_SPLIT blocks of slots from `first` of one key/value head (at k_ptr + kv, slot
+        stride s_s; mask_ptr: that row's (S,) mask) -> the range's normalised output and log2-sum-exp2, stored
+        at partial row `row`. Also kernels/decode_layer.py's attention."""
+        rg, rd, rs = tl.arange(0, GP), tl.arange(0, DH), tl.arange(0, BS)
         m_i = tl.zeros([GP], tl.float32) - float("inf")  # running max of the base-2 scores
         l_i = tl.zeros([GP], tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([GP, DH], tl.float32)
-        kv = n.to(tl.int64) * s_n + kh * s_k
         for b in range(PER_SPLIT):
-            slots = (split * PER_SPLIT + b) * BS + rs  # (BS,)
-            live = tl.load(mask_ptr + n * S + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
+            slots = first + b * BS + rs  # (BS,)
+            live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
             if tl.max(live.to(tl.int32), axis=0) > 0:  # skip blocks nobody may read: no k/v bytes for them
                 offs = kv + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
                 k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)
@@ -108,8 +119,7 @@ if triton_available():
                 acc = acc * alpha[:, None] + pv
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a range with no live slot: 0, weight 0 below
-        row = nk * NS + split
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a range with no live slot: 0, weight 0 in the merge
         tl.store(part_ptr + (row * G + rg)[:, None] * DH + rd[None, :], out, mask=(rg < G)[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # -inf: no live slot here
         tl.store(lse_ptr + row * G + rg, lse, mask=rg < G)

@@ -170,6 +170,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from kernels.decode_attention import _attend_range  # the split-KV online softmax over one slot range
+
     @triton.jit
     def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, u_ptr, b_ptr, y_ptr, O, D, eps,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
@@ -241,7 +243,7 @@ if triton_available():
                        G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
                        PER_SPLIT: tl.constexpr, NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr):
         kh, split = tl.program_id(0), tl.program_id(1)  # key/value head, slot range
-        rg, rd, rs = tl.arange(0, GP), tl.arange(0, DH), tl.arange(0, BS)
+        rg, rd = tl.arange(0, GP), tl.arange(0, DH)
         swap = (rd + DH // 2) % DH
         cos = tl.load(cos_ptr + rd).to(tl.float32)
         sin = tl.load(sin_ptr + rd).to(tl.float32)
@@ -257,34 +259,5 @@ if triton_available():
             tl.store(kc_ptr + kv + slot * DH + rg[:, None] * 0 + rd[None, :], k_new, mask=(rg < 1)[:, None])
             tl.store(vc_ptr + kv + slot * DH + rd, tl.load(qkv_ptr + (H + K + kh) * DH + rd))
             tl.debug_barrier()  # the block loads below, by other threads, must see them
-        m_i = tl.zeros([GP], tl.float32) - float("inf")  # the online softmax of decode_attention._split_kernel
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DH], tl.float32)
-        for b in range(PER_SPLIT):
-            slots = first + b * BS + rs  # (BS,)
-            live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)
-            if tl.max(live.to(tl.int32), axis=0) > 0:  # skip blocks nobody may read
-                offs = kv + slots[:, None] * DH + rd[None, :]  # (BS, DH)
-                k = tl.load(kc_ptr + offs, mask=live[:, None], other=0.0)
-                if F32:  # float32 caches; and the CPU interpreter, whose bf16 dot is wrong (triton 3.9)
-                    scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-                else:
-                    scores = tl.dot(q, tl.trans(k))  # (GP, BS)
-                scores = tl.where(live[None, :], (scores * qk_scale).to(tl.float32), float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                p = tl.exp2(scores - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                v = tl.load(vc_ptr + offs, mask=live[:, None], other=0.0)
-                p_v = p.to(v.dtype)
-                if F32:
-                    pv = tl.dot(p_v.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-                else:
-                    pv = tl.dot(p_v, v)  # (GP, DH)
-                acc = acc * alpha[:, None] + pv
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                m_i = m_new
-        row = kh * NS + split
-        tl.store(part_ptr + (row * G + rg)[:, None] * DH + rd[None, :], acc / tl.where(l_i > 0, l_i, 1.0)[:, None],
-                 mask=(rg < G)[:, None])
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # -inf: no live slot
-        tl.store(lse_ptr + row * G + rg, lse, mask=rg < G)
+        _attend_range(q, kc_ptr, vc_ptr, mask_ptr, kv, first, S, DH, qk_scale, part_ptr, lse_ptr, kh * NS + split,
+                      G, GP, DH, BS, PER_SPLIT, F32)

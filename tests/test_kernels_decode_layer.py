@@ -188,13 +188,18 @@ for qk_norm in (False, True):
     pointers.update(slot_ptr="*i64", mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32")
     build(dl._attend_kernel, pointers, dict(S="i32", eps="fp32", qk_scale="fp32"),
           dict(H=16, K=2, G=8, GP=16, DH=128, BS=64, PER_SPLIT=1, NS=9, QK_NORM=qk_norm, F32=False))
+import kernels.decode_attention as da
+build(da._split_kernel, dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32"),
+      dict(S="i32", s_n="i32", s_k="i32", s_s="i32", qk_scale="fp32"),
+      dict(K=2, G=8, GP=16, DH=128, BS=64, PER_SPLIT=1, NS=9, F32=False))
 print("compiled")
 """
 
 
 def test_kernels_compile_for_an_h100():
     """The interpreter runs what the GPU compiler rejects (a variable that changes dtype inside an `if` did, once):
-    compile every kernel for sm_90 with bf16 arguments, the sampler's case, without a GPU."""
+    compile every decode kernel (these and decode_attention's split kernel, whose range loop they share) for sm_90
+    with bf16 arguments, the sampler's case, without a GPU."""
     import os
     import subprocess
     import sys

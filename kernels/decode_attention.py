@@ -125,8 +125,18 @@ if triton_available():
         tl.store(lse_ptr + row * G + rg, lse, mask=rg < G)
 
     @triton.jit
+    def _wait_for_previous_kernel(PDL: tl.constexpr):
+        """Under programmatic dependent launch a kernel is started while the previous one still runs: let the next
+        one start as well, then wait until the previous one has finished and its writes are visible. Before this
+        call a kernel reads only weights (no kernel writes them) and writes nothing."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _merge_kernel(part_ptr, lse_ptr, out_ptr, H: tl.constexpr, G: tl.constexpr, DH: tl.constexpr,
-                      NS: tl.constexpr, NSP: tl.constexpr):
+                      NS: tl.constexpr, NSP: tl.constexpr, PDL: tl.constexpr = False):
+        _wait_for_previous_kernel(PDL)  # kernels/decode_layer.py launches it so
         nh = tl.program_id(0)  # row n, query head h = kh * G + g
         nk, g = nh // G, nh % G
         rs, rd = tl.arange(0, NSP), tl.arange(0, DH)

@@ -360,6 +360,10 @@ def main():
                 say(traceback.format_exc())
             save()
     for name in args.configs:
+        # each shape compiles afresh: a step compiled for other shapes (the checks, the shape before) would be
+        # recompiled with dynamic shapes (dynamo's automatic_dynamic_shapes), not what one training run gets
+        torch._dynamo.reset()
+        sampler._compiled_parts.clear()
         try:
             results["rows"] += bench_model(name, args.device, bandwidth, args)
         except Exception:

@@ -181,8 +181,18 @@ def profile_shape(name, device, bandwidth, args, deadline):
         f"{bandwidth / 1e12:.2f} TB/s (target, 75% of it: {floor_ms / 0.75:.2f} ms); prompt "
         f"{batch['input_ids'].shape[1]} tokens, cache for {args.tokens} new")
     results, reference = {}, None
+    from kernels import decode_layer
+    runs = []  # (label, settings of kernels/decode_layer.py for it)
     for label in args.variants:
-        decode = VARIANTS[label]
+        if label != "kernels":
+            runs.append((label, {}))
+            continue
+        for pdl in args.pdl or [decode_layer.PDL]:
+            runs.append((f"kernels pdl={pdl}", dict(PDL=pdl)))
+    for label, settings in runs:
+        decode = VARIANTS[label.split()[0]]
+        for k, v in settings.items():
+            setattr(decode_layer, k, v)
         if label != "baseline" and time.time() > deadline:
             say(f"\n### {label}: skipped, over the time budget")
             continue
@@ -259,6 +269,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny widths, 2 layers, eager steps: does it run?")
     ap.add_argument("--kernel-blocks", nargs=3, type=int, metavar=("BLOCK_N", "BLOCK_K", "WARPS"),
                     help="block sizes of kernels/decode_layer.py's products (its BLOCKS) for this run")
+    ap.add_argument("--pdl", nargs="+", type=int, choices=(0, 1), default=[],
+                    help="run the kernels variant with kernels/decode_layer.py's PDL (programmatic dependent "
+                         "launch) off (0) and / or on (1)")
     ap.add_argument("--out", help="directory for profile_decode.json and profile_decode.log")
     args = ap.parse_args()
     if args.kernel_blocks:

@@ -360,10 +360,7 @@ def main():
                 say(traceback.format_exc())
             save()
     for name in args.configs:
-        # each shape compiles afresh: a step compiled for other shapes (the checks, the shape before) would be
-        # recompiled with dynamic shapes (dynamo's automatic_dynamic_shapes), not what one training run gets
-        torch._dynamo.reset()
-        sampler._compiled_parts.clear()
+        sampler.forget_compiled()  # each shape compiles afresh, as in a run that trains one model
         try:
             results["rows"] += bench_model(name, args.device, bandwidth, args)
         except Exception:

@@ -2,7 +2,7 @@
 (prefill, CUDA graph) in one process and timed in interleaved rounds, so that clock and thermal drift, which moves
 a step by 10-30% between processes on the same GPU, falls on all settings alike.
 
-    python benchmarks/decode_ab.py --settings PDL=0 PDL=1 PDL=2 BLOCKS=2,2048,4   # GPU
+    python benchmarks/decode_ab.py --settings PDL=0 PDL=1 BLOCKS=2,2048,4         # GPU
     python benchmarks/decode_ab.py --smoke --settings PDL=0 PDL=1                   # anywhere: does it run?
 
 A setting is NAME=VALUE of a module constant of kernels/decode_layer.py (several joined by "+"); the first
@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_sampler import copy_bandwidth, decoder_bytes, make_batch  # noqa: E402
+from common import median_ms  # noqa: E402
 from profile_decode import VARIANTS, Decoder, build_model  # noqa: E402
 
 from kernels import decode_layer  # noqa: E402
@@ -32,27 +33,12 @@ def parse(setting):
     """"PDL=1+BLOCKS=2,2048,4" -> {"PDL": 1, "BLOCKS": (2, 2048, 4)}."""
     out = {}
     for part in setting.split("+"):
-        name, value = part.split("=")
-        if not hasattr(decode_layer, name):
-            raise SystemExit(f"decode_ab: kernels/decode_layer.py has no {name}")
+        name, _, value = part.partition("=")
+        if not hasattr(decode_layer, name) or not value.replace(",", "").isdigit():
+            raise SystemExit(f"decode_ab: {part!r} is not NAME=INT[,INT...] of a constant of kernels/decode_layer.py")
         numbers = tuple(int(v) for v in value.split(","))
         out[name] = numbers if len(numbers) > 1 else numbers[0]
     return out
-
-
-def timed(step, replays, device):
-    if device != "cuda":
-        start = time.perf_counter()
-        for _ in range(replays):
-            step()
-        return (time.perf_counter() - start) * 1e3 / replays
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(replays):
-        step()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / replays
 
 
 def main():
@@ -80,8 +66,7 @@ def main():
             for setting in args.settings:
                 for k, v in dict(defaults, **parse(setting)).items():
                     setattr(decode_layer, k, v)
-                torch._dynamo.reset()
-                sampler._compiled_parts.clear()
+                sampler.forget_compiled()
                 dec = Decoder(model, batch, 1, tokens, greedy, VARIANTS["kernels"], device)
                 dec.step()
                 decoders.append((setting, dec, dec.state.logits.clone()))
@@ -90,7 +75,8 @@ def main():
             rounds = {setting: [] for setting in args.settings}
             for _ in range(args.rounds):
                 for setting, dec, _ in decoders:
-                    rounds[setting].append(timed(dec.step, args.replays, device))
+                    steps = lambda: [dec.step() for _ in range(args.replays)]  # noqa: E731
+                    rounds[setting].append(median_ms(steps, device, 1) / args.replays)
         ref_ms = statistics.median(rounds[args.settings[0]])
         ref_logits, ref_tokens = decoders[0][2], decoders[0][1].state.tokens[0]
         print(f"\n## {name}: floor {floor_ms:.3f} ms/step at {bandwidth / 1e12:.2f} TB/s; {args.rounds} rounds x "

@@ -134,8 +134,7 @@ def say_profile(rows, ms, top):
 
 def run_variant(label, decode, model, batch, floor_ms, device, args, reference):
     """Build, time and profile one variant at batch 1 -> its result dict."""
-    torch._dynamo.reset()
-    sampler._compiled_parts.clear()
+    sampler.forget_compiled()
     greedy = sampler.Sampling(0.0)
     with torch.no_grad():
         dec = Decoder(model, batch, 1, args.tokens, greedy, decode, device)
@@ -213,8 +212,7 @@ def rollout_check(name, variants, device, args):
     batch = make_batch(cfg, args.prompts, device, torch.bfloat16, seed=2)
     out = {}
     for label, decode in variants.items():
-        torch._dynamo.reset()
-        sampler._compiled_parts.clear()
+        sampler.forget_compiled()
         try:
             with torch.no_grad():
                 dec = Decoder(model, batch, args.samples, args.tokens_64, sampler.Sampling(1.0), decode, device)

@@ -59,17 +59,12 @@ PDL = True
 
 
 @functools.lru_cache
-def _capability(index):
-    return torch.cuda.get_device_capability(index)
-
-
-def _hopper(device):
-    """Whether programmatic dependent launch exists here (sm_90 and later)."""
-    return device.type == "cuda" and _capability(device.index)[0] >= 9
+def _sm90(index):
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def _pdl(device):
-    return bool(PDL) and _hopper(device)
+    return bool(PDL) and device.type == "cuda" and _sm90(device.index)
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -131,12 +126,12 @@ def norm_matvec(x, norm_weight, eps, weight, bias=None, up_weight=None, blocks=N
     if blocks is None and up_weight is not None and x.is_cuda:
         BK //= 2
     y = torch.empty(x.shape[:-1] + (O,), dtype=x.dtype, device=x.device)
+    pdl = _pdl(x.device)
     dummy = weight  # pointer arguments a branch never reads
     _norm_matvec_kernel[(triton.cdiv(O, BN),)](
         x.contiguous(), norm_weight, weight, dummy if up_weight is None else up_weight,
         dummy if bias is None else bias, y, O, D, eps, BLOCK_N=BN, BLOCK_K=BK,
-        GATED=up_weight is not None, HAS_BIAS=bias is not None, PDL=_pdl(x.device), num_warps=warps,
-        launch_pdl=_pdl(x.device))
+        GATED=up_weight is not None, HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return y
 
 
@@ -150,9 +145,10 @@ def matvec_residual(a, weight, residual, blocks=None):
            "a.numel(), O = residual.numel() and a contiguous (O, K) weight")
     BN, BK, warps = _blocks(a.device, blocks)
     y = torch.empty_like(residual)
+    pdl = _pdl(a.device)
     _matvec_residual_kernel[(triton.cdiv(O, BN),)](
-        a.contiguous(), weight, residual.contiguous(), y, O, K, BLOCK_N=BN, BLOCK_K=BK, PDL=_pdl(a.device),
-        num_warps=warps, launch_pdl=_pdl(a.device))
+        a.contiguous(), weight, residual.contiguous(), y, O, K, BLOCK_N=BN, BLOCK_K=BK, PDL=pdl,
+        num_warps=warps, launch_pdl=pdl)
     return y
 
 
@@ -178,16 +174,17 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
     NS = triton.cdiv(blocks, per_split)
     part = torch.empty(K, NS, G, Dh, dtype=torch.float32, device=qkv.device)  # each range's normalised output
     lse = torch.empty(K, NS, G, dtype=torch.float32, device=qkv.device)  # and its log2-sum-exp2
+    pdl = _pdl(qkv.device)
     _attend_kernel[(K, NS)](
         qkv.contiguous(), cos.contiguous(), sin.contiguous(), q_norm if q_norm is not None else cos,
         k_norm if k_norm is not None else cos, k_cache, v_cache, slot, mask.view(S).contiguous(), part, lse,
         S, eps, Dh**-0.5 * math.log2(math.e), H=H, K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh,
         BS=BS, PER_SPLIT=per_split, NS=NS, QK_NORM=q_norm is not None,
-        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, PDL=_pdl(qkv.device), num_warps=cfg["num_warps"],
-        launch_pdl=_pdl(qkv.device))
+        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, PDL=pdl, num_warps=cfg["num_warps"],
+        launch_pdl=pdl)
     out = torch.empty(1, H, 1, Dh, dtype=qkv.dtype, device=qkv.device)
     _merge_kernel[(H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS),
-                        PDL=_pdl(qkv.device), num_warps=4, launch_pdl=_pdl(qkv.device))
+                        PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 

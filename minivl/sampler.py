@@ -398,6 +398,14 @@ def compiled_parts(decode):
     return _compiled_parts[key]
 
 
+def forget_compiled():
+    """Drop every compiled step: the next one compiles afresh, with static shapes. A step compiled before for
+    other shapes would otherwise be recompiled with dynamic ones (dynamo's automatic_dynamic_shapes), which was
+    measured 1.39x slower at Qwen2.5-VL-3B (benchmarks/NOTES_sampler.md, session 5)."""
+    torch._dynamo.reset()
+    _compiled_parts.clear()
+
+
 def cuda_graph_step(model, state, sampling, compile=True):
     """The decode step captured once as a CUDA graph: calling the result replays it.
 

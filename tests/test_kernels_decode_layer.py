@@ -182,7 +182,8 @@ def build(fn, pointers, scalars, constexprs):
 bf = "*bf16"
 for gated in (False, True):
     build(dl._norm_matvec_kernel, {n: bf for n in ("x_ptr", "nw_ptr", "w_ptr", "u_ptr", "b_ptr", "y_ptr")},
-          dict(O="i32", D="i32", eps="fp32"), dict(BLOCK_N=2, BLOCK_K=1024, GATED=gated, HAS_BIAS=not gated, PDL=True))
+          dict(O="i32", D="i32", eps="fp32"),
+          dict(BLOCK_N=2, BLOCK_K=1024, GATED=gated, HAS_BIAS=not gated, PDL=True))
 build(dl._matvec_residual_kernel, {n: bf for n in ("a_ptr", "w_ptr", "r_ptr", "y_ptr")}, dict(O="i32", K="i32"),
       dict(BLOCK_N=2, BLOCK_K=1024, PDL=True))
 for qk_norm in (False, True):

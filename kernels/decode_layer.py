@@ -57,6 +57,24 @@ def _blocks(device, blocks):
 # 0.8% off Qwen3-VL-8B's (H200, benchmarks/decode_ab.py).
 PDL = True
 
+# How much of its weight rows each program of a product kernel loads before that wait: the whole rows if they have at
+# most PRELOAD_WHOLE columns (gate and up counted both), else the first PRELOAD_PART columns (likewise). What is
+# loaded before the wait is not a memory round trip after it; but it is held in registers (BLOCK_N x 4096 bf16
+# values take ~130 registers a thread, so fewer programs fit on an SM), which pays only when no loop over the rest
+# of the row follows. Interleaved on an H200 (benchmarks/NOTES_sampler.md, session 6): step 0.862x at Qwen2.5-VL-3B,
+# 0.919x at Qwen3-VL-8B against one BLOCK_K (both 0).
+PRELOAD_WHOLE = 4096
+PRELOAD_PART = 2048
+
+
+def _first_columns(K, block_k, weights):
+    """Columns of the first, preloaded tile of a product over K inputs that reads `weights` weights (1, or 2: gate
+    and up): a power of two, at least one block_k."""
+    _check("PRELOAD_PART", PRELOAD_PART & (PRELOAD_PART - 1) == 0, f"{PRELOAD_PART} is not 0 or a power of two")
+    row = triton.next_power_of_2(K)
+    first = row if row * weights <= PRELOAD_WHOLE else min(row, PRELOAD_PART // weights)
+    return max(block_k, first)
+
 
 @functools.lru_cache
 def _sm90(index):
@@ -130,7 +148,7 @@ def norm_matvec(x, norm_weight, eps, weight, bias=None, up_weight=None, blocks=N
     dummy = weight  # pointer arguments a branch never reads
     _norm_matvec_kernel[(triton.cdiv(O, BN),)](
         x.contiguous(), norm_weight, weight, dummy if up_weight is None else up_weight,
-        dummy if bias is None else bias, y, O, D, eps, BLOCK_N=BN, BLOCK_K=BK,
+        dummy if bias is None else bias, y, O, D, eps, BLOCK_N=BN, BLOCK_K=BK, FIRST_K=_first_columns(D, BK, 1 if up_weight is None else 2),
         GATED=up_weight is not None, HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return y
 
@@ -147,7 +165,8 @@ def matvec_residual(a, weight, residual, blocks=None):
     y = torch.empty_like(residual)
     pdl = _pdl(a.device)
     _matvec_residual_kernel[(triton.cdiv(O, BN),)](
-        a.contiguous(), weight, residual.contiguous(), y, O, K, BLOCK_N=BN, BLOCK_K=BK, PDL=pdl,
+        a.contiguous(), weight, residual.contiguous(), y, O, K, BLOCK_N=BN, BLOCK_K=BK,
+        FIRST_K=_first_columns(K, BK, 1), PDL=pdl,
         num_warps=warps, launch_pdl=pdl)
     return y
 
@@ -206,39 +225,41 @@ if triton_available():
 
     @triton.jit
     def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, u_ptr, b_ptr, y_ptr, O, D, eps,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIRST_K: tl.constexpr, GATED: tl.constexpr,
                             HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
         dtype = y_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output rows of this program
-        rk = tl.arange(0, BLOCK_K)
+        rf, rk = tl.arange(0, FIRST_K), tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * D  # (BLOCK_N, 1)
         u_rows = u_ptr + rows.to(tl.int64)[:, None] * D
-        # the first weight tiles are read before anything else: their loads are in flight during the wait for the
-        # previous kernel and the rms below
-        first_ok = (rows < O)[:, None] & (rk < D)[None, :]
-        w0 = tl.load(w_rows + rk[None, :], mask=first_ok, other=0.0)  # (BLOCK_N, BLOCK_K)
+        # the first FIRST_K columns of the weights are read before anything else: their loads are in flight during
+        # the wait for the previous kernel and the rms below
+        first_ok = (rows < O)[:, None] & (rf < D)[None, :]
+        w0 = tl.load(w_rows + rf[None, :], mask=first_ok, other=0.0)  # (BLOCK_N, FIRST_K)
         u0 = w0
         if GATED:
-            u0 = tl.load(u_rows + rk[None, :], mask=first_ok, other=0.0)
+            u0 = tl.load(u_rows + rf[None, :], mask=first_ok, other=0.0)
         _wait_for_previous_kernel(PDL)
         sq = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, D, BLOCK_K):  # the row's mean square: every program redoes it (D values, from L2)
             x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < D, other=0.0).to(tl.float32)
             sq += x * x
         rstd = tl.rsqrt(tl.sum(sq, axis=0) / D + eps)
-        h = _normed(x_ptr, nw_ptr, rk, rstd, D, dtype)  # (BLOCK_K,)
-        acc = w0.to(tl.float32) * h[None, :]  # (BLOCK_N, BLOCK_K)
-        acc_up = u0.to(tl.float32) * h[None, :]
-        for k0 in range(BLOCK_K, D, BLOCK_K):
+        h0 = _normed(x_ptr, nw_ptr, rf, rstd, D, dtype)  # (FIRST_K,)
+        y = tl.sum(w0.to(tl.float32) * h0[None, :], axis=1)  # (BLOCK_N,)
+        up = tl.sum(u0.to(tl.float32) * h0[None, :], axis=1)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(FIRST_K, D, BLOCK_K):
             cols = k0 + rk
             h = _normed(x_ptr, nw_ptr, cols, rstd, D, dtype)
             tile_ok = (rows < O)[:, None] & (cols < D)[None, :]
             acc += tl.load(w_rows + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32) * h[None, :]
             if GATED:
                 acc_up += tl.load(u_rows + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32) * h[None, :]
-        y = tl.sum(acc, axis=1).to(dtype).to(tl.float32)  # (BLOCK_N,), rounded as F.linear's output
+        y = (y + tl.sum(acc, axis=1)).to(dtype).to(tl.float32)  # rounded as F.linear's output
         if GATED:
-            up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+            up = (up + tl.sum(acc_up, axis=1)).to(dtype).to(tl.float32)
             silu = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
             y = silu * up
         if HAS_BIAS:
@@ -247,21 +268,22 @@ if triton_available():
 
     @triton.jit
     def _matvec_residual_kernel(a_ptr, w_ptr, r_ptr, y_ptr, O, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                PDL: tl.constexpr):
+                                FIRST_K: tl.constexpr, PDL: tl.constexpr):
         dtype = y_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
+        rf, rk = tl.arange(0, FIRST_K), tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-        w0 = tl.load(w_rows + rk[None, :], mask=(rows < O)[:, None] & (rk < K)[None, :], other=0.0)  # as above
+        w0 = tl.load(w_rows + rf[None, :], mask=(rows < O)[:, None] & (rf < K)[None, :], other=0.0)  # as above
         _wait_for_previous_kernel(PDL)
-        a = tl.load(a_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-        acc = w0.to(tl.float32) * a[None, :]  # (BLOCK_N, BLOCK_K)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+        a0 = tl.load(a_ptr + rf, mask=rf < K, other=0.0).to(tl.float32)
+        y = tl.sum(w0.to(tl.float32) * a0[None, :], axis=1)  # (BLOCK_N,)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(FIRST_K, K, BLOCK_K):
             cols = k0 + rk
             a = tl.load(a_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             w = tl.load(w_rows + cols[None, :], mask=(rows < O)[:, None] & (cols < K)[None, :], other=0.0)
             acc += w.to(tl.float32) * a[None, :]
-        y = tl.sum(acc, axis=1).to(dtype).to(tl.float32)
+        y = (y + tl.sum(acc, axis=1)).to(dtype).to(tl.float32)
         r = tl.load(r_ptr + rows, mask=rows < O, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, (r + y).to(dtype), mask=rows < O)
 

@@ -32,10 +32,18 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=0.1,
 SHAPES = [(100, 37), (64, 16), (20, 5)]
 
 
+# (dl.PRELOAD_WHOLE, dl.PRELOAD_PART): the columns loaded before the wait at D = 100 (a 128-column tile; blocks of
+# 32) with one weight / with gate and up: 32 / 32, 64 then the loop / 32, 128 whole / 64 then the loop, 128 / 128
+PRELOADS = [(0, 0), (0, 64), (0, 128), (256, 0)]
+
+
+@pytest.mark.parametrize("preload", PRELOADS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D,O", SHAPES)
 @pytest.mark.parametrize("kind", ["plain", "bias", "gated"])
-def test_norm_matvec(kind, D, O, dtype, triton_cpu):
+def test_norm_matvec(kind, D, O, dtype, preload, triton_cpu, monkeypatch):
+    monkeypatch.setattr(dl, "PRELOAD_WHOLE", preload[0])
+    monkeypatch.setattr(dl, "PRELOAD_PART", preload[1])
     gen, seed = fresh_generator()
     x = torch.randn(1, 1, D, generator=gen).mul(3).to(dtype)
     nw = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype)
@@ -53,9 +61,12 @@ def test_norm_matvec(kind, D, O, dtype, triton_cpu):
     torch.testing.assert_close(got.double(), rnd(want, dtype), **TOL[dtype], msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("preload", PRELOADS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D,O", SHAPES)
-def test_matvec_residual(D, O, dtype, triton_cpu):
+def test_matvec_residual(D, O, dtype, preload, triton_cpu, monkeypatch):
+    monkeypatch.setattr(dl, "PRELOAD_WHOLE", preload[0])
+    monkeypatch.setattr(dl, "PRELOAD_PART", preload[1])
     gen, seed = fresh_generator()
     a = torch.randn(1, 1, D, generator=gen).to(dtype)
     w = (torch.randn(O, D, generator=gen) / D**0.5).to(dtype)
@@ -183,9 +194,9 @@ bf = "*bf16"
 for gated in (False, True):
     build(dl._norm_matvec_kernel, {n: bf for n in ("x_ptr", "nw_ptr", "w_ptr", "u_ptr", "b_ptr", "y_ptr")},
           dict(O="i32", D="i32", eps="fp32"),
-          dict(BLOCK_N=2, BLOCK_K=1024, GATED=gated, HAS_BIAS=not gated, PDL=True))
+          dict(BLOCK_N=2, BLOCK_K=512, FIRST_K=2048, GATED=gated, HAS_BIAS=not gated, PDL=True))
 build(dl._matvec_residual_kernel, {n: bf for n in ("a_ptr", "w_ptr", "r_ptr", "y_ptr")}, dict(O="i32", K="i32"),
-      dict(BLOCK_N=2, BLOCK_K=1024, PDL=True))
+      dict(BLOCK_N=2, BLOCK_K=1024, FIRST_K=4096, PDL=True))
 for qk_norm in (False, True):
     pointers = {n: bf for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "qn_ptr", "kn_ptr", "kc_ptr", "vc_ptr")}
     pointers.update(slot_ptr="*i64", mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32")

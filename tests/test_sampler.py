@@ -192,13 +192,15 @@ def test_kernel_layers_on_one_row(pair, monkeypatch):
     decode = sampler.DecodeOptions(fuse=(), coordinate_descent=False, layer="kernels")  # q/k/v fused all the same
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("MINIVL_KERNELS", "triton")
-    calls = []
-    run = sampler.run_layer_kernels
+    calls, heads = [], []
+    run, head = sampler.run_layer_kernels, sampler.head_logits_kernel
     monkeypatch.setattr(sampler, "run_layer_kernels", lambda *a: calls.append(1) or run(*a))
+    monkeypatch.setattr(sampler, "head_logits_kernel", lambda *a: heads.append(1) or head(*a))
     steps, layers = 10, len(ours.model.language_model.layers)
     out = minivl.generate(ours, batch, max_new_tokens=steps, temperature=0.0, decode=decode)
     assert torch.equal(out.tokens, hf_generate(hf, batch, steps))
     assert len(calls) == (0 if family == "qwen3_vl_moe" else layers * (steps - 1))  # MoE layers: compiled path
+    assert len(heads) == steps - 1  # the final norm + lm_head through the kernel at every decode step
 
     s = sampler.Sampling(temperature=0.9)
     with torch.no_grad():

@@ -90,35 +90,53 @@ if triton_available():
                       F32: tl.constexpr):
         """q (GP, DH) over the PER_SPLIT blocks of slots from `first` of one key/value head (at k_ptr + kv, slot
         stride s_s; mask_ptr: that row's (S,) mask) -> the range's normalised output and log2-sum-exp2, stored
-        at partial row `row`. Also kernels/decode_layer.py's attention."""
-        rg, rd, rs = tl.arange(0, GP), tl.arange(0, DH), tl.arange(0, BS)
+        at partial row `row`."""
         m_i = tl.zeros([GP], tl.float32) - float("inf")  # running max of the base-2 scores
         l_i = tl.zeros([GP], tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([GP, DH], tl.float32)
-        for b in range(PER_SPLIT):
+        m_i, l_i, acc = _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, m_i, l_i, acc,
+                                       0, PER_SPLIT, DH, BS, F32)
+        _store_range(acc, l_i, m_i, part_ptr, lse_ptr, row, G, GP, DH)
+
+    @triton.jit
+    def _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, m_i, l_i, acc,
+                       START: tl.constexpr, PER_SPLIT: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
+                       F32: tl.constexpr):
+        """The online softmax (m_i, l_i, acc) carried over blocks START..PER_SPLIT-1 of the range. Also
+        kernels/decode_layer.py's attention, which does block 0 itself."""
+        rd, rs = tl.arange(0, DH), tl.arange(0, BS)
+        for b in range(START, PER_SPLIT):
             slots = first + b * BS + rs  # (BS,)
             live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
             if tl.max(live.to(tl.int32), axis=0) > 0:  # skip blocks nobody may read: no k/v bytes for them
                 offs = kv + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
                 k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)
-                if F32:  # float32 caches; and the CPU interpreter, whose bf16 dot is wrong (triton 3.9)
-                    scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-                else:
-                    scores = tl.dot(q, tl.trans(k))  # (GP, BS), float32 accumulation
-                scores = (scores * qk_scale).to(tl.float32)  # (inductor passes a float argument as fp64)
-                scores = tl.where(live[None, :], scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the block has a live slot
-                p = tl.exp2(scores - m_new[:, None])  # (GP, BS), 0 on dead slots
-                alpha = tl.exp2(m_i - m_new)  # 0 on the first live block (m_i = -inf)
                 v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
-                p_v = p.to(v.dtype)  # rounded to the cache dtype for the dot, as flash attention does
-                if F32:
-                    pv = tl.dot(p_v.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-                else:
-                    pv = tl.dot(p_v, v)  # (GP, DH)
-                acc = acc * alpha[:, None] + pv
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                m_i = m_new
+                m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
+        """One block of slots, k and v (BS, DH), into the online softmax of q (GP, DH); live (BS,) has a True."""
+        if F32:  # float32 caches; and the CPU interpreter, whose bf16 dot is wrong (triton 3.9)
+            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))  # (GP, BS), float32 accumulation
+        scores = (scores * qk_scale).to(tl.float32)  # (inductor passes a float argument as fp64)
+        scores = tl.where(live[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the block has a live slot
+        p = tl.exp2(scores - m_new[:, None])  # (GP, BS), 0 on dead slots
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first live block (m_i = -inf)
+        p_v = p.to(v.dtype)  # rounded to the cache dtype for the dot, as flash attention does
+        if F32:
+            pv = tl.dot(p_v.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p_v, v)  # (GP, DH)
+        return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
+
+    @triton.jit
+    def _store_range(acc, l_i, m_i, part_ptr, lse_ptr, row, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr):
+        rg, rd = tl.arange(0, GP), tl.arange(0, DH)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a range with no live slot: 0, weight 0 in the merge
         tl.store(part_ptr + (row * G + rg)[:, None] * DH + rd[None, :], out, mask=(rg < G)[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # -inf: no live slot here

@@ -65,6 +65,8 @@ PDL = True
 # 0.919x at Qwen3-VL-8B against one BLOCK_K (both 0).
 PRELOAD_WHOLE = 4096
 PRELOAD_PART = 2048
+ATTEND_EARLY = 1  # A/B: the attention reads its first block of keys and values before the wait
+RMS_ONE_PASS = 1  # A/B: a whole-row product reads its input row once, for the rms and the dot
 
 
 def _first_columns(K, block_k, weights):
@@ -146,10 +148,12 @@ def norm_matvec(x, norm_weight, eps, weight, bias=None, up_weight=None, blocks=N
     y = torch.empty(x.shape[:-1] + (O,), dtype=x.dtype, device=x.device)
     pdl = _pdl(x.device)
     dummy = weight  # pointer arguments a branch never reads
+    first = _first_columns(D, BK, 1 if up_weight is None else 2)
     _norm_matvec_kernel[(triton.cdiv(O, BN),)](
         x.contiguous(), norm_weight, weight, dummy if up_weight is None else up_weight,
-        dummy if bias is None else bias, y, O, D, eps, BLOCK_N=BN, BLOCK_K=BK, FIRST_K=_first_columns(D, BK, 1 if up_weight is None else 2),
-        GATED=up_weight is not None, HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+        dummy if bias is None else bias, y, O, D, eps, BLOCK_N=BN, BLOCK_K=BK, FIRST_K=first,
+        GATED=up_weight is not None, HAS_BIAS=bias is not None, PDL=pdl, WHOLE_ROW=bool(RMS_ONE_PASS) and first >= D,
+        num_warps=warps, launch_pdl=pdl)
     return y
 
 
@@ -199,8 +203,8 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
         k_norm if k_norm is not None else cos, k_cache, v_cache, slot, mask.view(S).contiguous(), part, lse,
         S, eps, Dh**-0.5 * math.log2(math.e), H=H, K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh,
         BS=BS, PER_SPLIT=per_split, NS=NS, QK_NORM=q_norm is not None,
-        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, PDL=pdl, num_warps=cfg["num_warps"],
-        launch_pdl=pdl)
+        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, PDL=pdl, EARLY=bool(ATTEND_EARLY),
+        num_warps=cfg["num_warps"], launch_pdl=pdl)
     out = torch.empty(1, H, 1, Dh, dtype=qkv.dtype, device=qkv.device)
     _merge_kernel[(H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS),
                         PDL=pdl, num_warps=4, launch_pdl=pdl)
@@ -213,7 +217,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.decode_attention import _attend_range, _wait_for_previous_kernel
+    from kernels.decode_attention import _attend_block, _attend_blocks, _store_range, _wait_for_previous_kernel
 
     @triton.jit
     def _normed(x_ptr, nw_ptr, cols, rstd, D, dtype: tl.constexpr):
@@ -226,7 +230,7 @@ if triton_available():
     @triton.jit
     def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, u_ptr, b_ptr, y_ptr, O, D, eps,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIRST_K: tl.constexpr, GATED: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, PDL: tl.constexpr, WHOLE_ROW: tl.constexpr):
         dtype = y_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output rows of this program
         rf, rk = tl.arange(0, FIRST_K), tl.arange(0, BLOCK_K)
@@ -240,12 +244,18 @@ if triton_available():
         if GATED:
             u0 = tl.load(u_rows + rf[None, :], mask=first_ok, other=0.0)
         _wait_for_previous_kernel(PDL)
-        sq = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, D, BLOCK_K):  # the row's mean square: every program redoes it (D values, from L2)
-            x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < D, other=0.0).to(tl.float32)
-            sq += x * x
-        rstd = tl.rsqrt(tl.sum(sq, axis=0) / D + eps)
-        h0 = _normed(x_ptr, nw_ptr, rf, rstd, D, dtype)  # (FIRST_K,)
+        if WHOLE_ROW:  # the first tile is the whole row: read the input once, for the rms and the dot
+            x0 = tl.load(x_ptr + rf, mask=rf < D, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(x0 * x0, axis=0) / D + eps)
+            nw = tl.load(nw_ptr + rf, mask=rf < D, other=0.0).to(tl.float32)
+            h0 = ((x0 * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)  # as _normed
+        else:
+            sq = tl.zeros([BLOCK_K], tl.float32)
+            for k0 in range(0, D, BLOCK_K):  # the row's mean square: every program redoes it (D values, from L2)
+                x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < D, other=0.0).to(tl.float32)
+                sq += x * x
+            rstd = tl.rsqrt(tl.sum(sq, axis=0) / D + eps)
+            h0 = _normed(x_ptr, nw_ptr, rf, rstd, D, dtype)  # (FIRST_K,)
         y = tl.sum(w0.to(tl.float32) * h0[None, :], axis=1)  # (BLOCK_N,)
         up = tl.sum(u0.to(tl.float32) * h0[None, :], axis=1)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -306,10 +316,23 @@ if triton_available():
                        lse_ptr, S, eps, qk_scale, H: tl.constexpr, K: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
                        PER_SPLIT: tl.constexpr, NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr,
-                       PDL: tl.constexpr):
-        _wait_for_previous_kernel(PDL)
+                       PDL: tl.constexpr, EARLY: tl.constexpr):
         kh, split = tl.program_id(0), tl.program_id(1)  # key/value head, slot range
-        rg, rd = tl.arange(0, GP), tl.arange(0, DH)
+        rg, rd, rs = tl.arange(0, GP), tl.arange(0, DH), tl.arange(0, BS)
+        kv = kh * S * DH
+        first = split * PER_SPLIT * BS
+        # the range's first block of keys and values is read before the wait: the cache and the mask were written
+        # by earlier steps (the mask at this step's start, before the first layer's kernels), all finished; only
+        # the new token's slot is stale, and it is replaced below
+        slots = first + rs  # (BS,)
+        if not EARLY:
+            _wait_for_previous_kernel(PDL)
+        live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)
+        offs = kv + slots[:, None] * DH + rd[None, :]  # (BS, DH)
+        k = tl.load(kc_ptr + offs, mask=live[:, None], other=0.0)
+        v = tl.load(vc_ptr + offs, mask=live[:, None], other=0.0)
+        if EARLY:
+            _wait_for_previous_kernel(PDL)
         swap = (rd + DH // 2) % DH
         cos = tl.load(cos_ptr + rd).to(tl.float32)
         sin = tl.load(sin_ptr + rd).to(tl.float32)
@@ -317,13 +340,21 @@ if triton_available():
         # the G query heads of this key/value head, rotated: q is qkv's first H * DH
         q = _rope_heads(qkv_ptr + (kh * G + rg)[:, None] * DH, (rg < G)[:, None], rd, swap, cos, sin, qn_ptr,
                         eps, DH, QK_NORM)  # (GP, DH)
-        kv = kh * S * DH
-        first = split * PER_SPLIT * BS
         if (slot >= first) & (slot < first + PER_SPLIT * BS):  # the new token's slot is in this range
             k_new = _rope_heads(qkv_ptr + (H + kh) * DH + rg[:, None] * 0, (rg < 1)[:, None], rd, swap, cos, sin,
                                 kn_ptr, eps, DH, QK_NORM)  # (GP, DH), row 0 is the key
+            v_new = tl.load(qkv_ptr + (H + K + kh) * DH + rd)
             tl.store(kc_ptr + kv + slot * DH + rg[:, None] * 0 + rd[None, :], k_new, mask=(rg < 1)[:, None])
-            tl.store(vc_ptr + kv + slot * DH + rd, tl.load(qkv_ptr + (H + K + kh) * DH + rd))
+            tl.store(vc_ptr + kv + slot * DH + rd, v_new)
             tl.debug_barrier()  # the block loads below, by other threads, must see them
-        _attend_range(q, kc_ptr, vc_ptr, mask_ptr, kv, first, S, DH, qk_scale, part_ptr, lse_ptr, kh * NS + split,
-                      G, GP, DH, BS, PER_SPLIT, F32)
+            is_new = (slots == slot)[:, None]  # (BS, 1): the slot's row of the block read before the wait
+            k = tl.where(is_new, tl.sum(k_new.to(tl.float32), axis=0).to(k.dtype)[None, :], k)  # rows 1.. are 0
+            v = tl.where(is_new, v_new[None, :], v)
+        m_i = tl.zeros([GP], tl.float32) - float("inf")  # the online softmax of decode_attention._attend_range
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DH], tl.float32)
+        if tl.max(live.to(tl.int32), axis=0) > 0:
+            m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
+        m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr, kv, first, S, DH, qk_scale, m_i, l_i, acc,
+                                       1, PER_SPLIT, DH, BS, F32)
+        _store_range(acc, l_i, m_i, part_ptr, lse_ptr, kh * NS + split, G, GP, DH)

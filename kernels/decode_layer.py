@@ -12,12 +12,13 @@ Qwen2.5-VL-3B: 51 us at 3 TB/s) and everything else is latency: each extra kerne
 ramp and drain. Compiled by inductor the layer is ~12 kernels, ~85 us (benchmarks/NOTES_sampler.md); here every
 small op rides in a product's prologue or epilogue: each program recomputes the rms of the input row (4 KB, from
 L2) before its dot, SiLU-mul and residual adds sit in the epilogues, and gate and up are read from their own
-weights (no fused copy). Each program owns BLOCK_N output rows and walks the input in BLOCK_K chunks,
-accumulating a (BLOCK_N, BLOCK_K) float32 tile that is summed once at the end.
+weights (no fused copy). Each program owns BLOCK_N output rows: it loads a first tile of FIRST_K columns (the
+whole rows where they fit, see PRELOAD_WHOLE), then walks the rest of the input in BLOCK_K chunks, accumulating a
+(BLOCK_N, BLOCK_K) float32 tile that is summed once at the end.
 `attend` is kernels/decode_attention.py's split-KV attention with the rotary and the cache write folded in:
 each program rotates its query heads itself (and normalises them, Qwen3), and the program whose slot range holds
-the new token writes its rotated key and its value into the cache before reading the range; the ranges are merged
-by decode_attention's merge kernel. (Merging in the split kernel, by the last range to finish a head, was measured
+the new token writes its rotated key and its value into the cache (and into the range's first block, which it
+read before the wait); the ranges are merged by decode_attention's merge kernel. (Merging in the split kernel, by the last range to finish a head, was measured
 slower on the H100: 8.1 against 5.6 us per layer at Qwen2.5-VL-3B; the merging program walks the ranges alone.)
 
 Numerics follow the PyTorch layer op by op in the activation dtype: the normed input is rounded to the dtype
@@ -61,12 +62,11 @@ PDL = True
 # most PRELOAD_WHOLE columns (gate and up counted both), else the first PRELOAD_PART columns (likewise). What is
 # loaded before the wait is not a memory round trip after it; but it is held in registers (BLOCK_N x 4096 bf16
 # values take ~130 registers a thread, so fewer programs fit on an SM), which pays only when no loop over the rest
-# of the row follows. Interleaved on an H200 (benchmarks/NOTES_sampler.md, session 6): step 0.862x at Qwen2.5-VL-3B,
-# 0.919x at Qwen3-VL-8B against one BLOCK_K (both 0).
+# of the row follows. Interleaved on an H200 (benchmarks/NOTES_sampler.md, session 6): step 0.847x at Qwen2.5-VL-3B,
+# 0.903x at Qwen3-VL-8B against one BLOCK_K (both 0); partial rows of 4096 values (2048 columns of gate and up at
+# 8B, 4096 of down) were slower. The attention likewise reads its first block of keys and values before the wait.
 PRELOAD_WHOLE = 4096
 PRELOAD_PART = 2048
-ATTEND_EARLY = 1  # A/B: the attention reads its first block of keys and values before the wait
-RMS_ONE_PASS = 1  # A/B: a whole-row product reads its input row once, for the rms and the dot
 
 
 def _first_columns(K, block_k, weights):
@@ -152,7 +152,7 @@ def norm_matvec(x, norm_weight, eps, weight, bias=None, up_weight=None, blocks=N
     _norm_matvec_kernel[(triton.cdiv(O, BN),)](
         x.contiguous(), norm_weight, weight, dummy if up_weight is None else up_weight,
         dummy if bias is None else bias, y, O, D, eps, BLOCK_N=BN, BLOCK_K=BK, FIRST_K=first,
-        GATED=up_weight is not None, HAS_BIAS=bias is not None, PDL=pdl, WHOLE_ROW=bool(RMS_ONE_PASS) and first >= D,
+        GATED=up_weight is not None, HAS_BIAS=bias is not None, PDL=pdl, WHOLE_ROW=first >= D,
         num_warps=warps, launch_pdl=pdl)
     return y
 
@@ -203,8 +203,8 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
         k_norm if k_norm is not None else cos, k_cache, v_cache, slot, mask.view(S).contiguous(), part, lse,
         S, eps, Dh**-0.5 * math.log2(math.e), H=H, K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh,
         BS=BS, PER_SPLIT=per_split, NS=NS, QK_NORM=q_norm is not None,
-        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, PDL=pdl, EARLY=bool(ATTEND_EARLY),
-        num_warps=cfg["num_warps"], launch_pdl=pdl)
+        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, PDL=pdl, num_warps=cfg["num_warps"],
+        launch_pdl=pdl)
     out = torch.empty(1, H, 1, Dh, dtype=qkv.dtype, device=qkv.device)
     _merge_kernel[(H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS),
                         PDL=pdl, num_warps=4, launch_pdl=pdl)
@@ -316,7 +316,7 @@ if triton_available():
                        lse_ptr, S, eps, qk_scale, H: tl.constexpr, K: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
                        PER_SPLIT: tl.constexpr, NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr,
-                       PDL: tl.constexpr, EARLY: tl.constexpr):
+                       PDL: tl.constexpr):
         kh, split = tl.program_id(0), tl.program_id(1)  # key/value head, slot range
         rg, rd, rs = tl.arange(0, GP), tl.arange(0, DH), tl.arange(0, BS)
         kv = kh * S * DH
@@ -325,14 +325,11 @@ if triton_available():
         # by earlier steps (the mask at this step's start, before the first layer's kernels), all finished; only
         # the new token's slot is stale, and it is replaced below
         slots = first + rs  # (BS,)
-        if not EARLY:
-            _wait_for_previous_kernel(PDL)
         live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)
         offs = kv + slots[:, None] * DH + rd[None, :]  # (BS, DH)
         k = tl.load(kc_ptr + offs, mask=live[:, None], other=0.0)
         v = tl.load(vc_ptr + offs, mask=live[:, None], other=0.0)
-        if EARLY:
-            _wait_for_previous_kernel(PDL)
+        _wait_for_previous_kernel(PDL)
         swap = (rd + DH // 2) % DH
         cos = tl.load(cos_ptr + rd).to(tl.float32)
         sin = tl.load(sin_ptr + rd).to(tl.float32)

@@ -201,7 +201,7 @@ for qk_norm in (False, True):
     pointers = {n: bf for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "qn_ptr", "kn_ptr", "kc_ptr", "vc_ptr")}
     pointers.update(slot_ptr="*i64", mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32")
     build(dl._attend_kernel, pointers, dict(S="i32", eps="fp32", qk_scale="fp32"),
-          dict(H=16, K=2, G=8, GP=16, DH=128, BS=64, PER_SPLIT=2, NS=9, QK_NORM=qk_norm, F32=False, PDL=True, EARLY=True))
+          dict(H=16, K=2, G=8, GP=16, DH=128, BS=64, PER_SPLIT=2, NS=9, QK_NORM=qk_norm, F32=False, PDL=True))
 import kernels.decode_attention as da
 build(da._merge_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr=bf), {},
       dict(H=16, G=8, DH=128, NS=9, NSP=16, PDL=True))

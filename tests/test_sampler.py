@@ -313,6 +313,22 @@ def test_sampling_follows_the_support_distribution():
     assert greedy.item() == 0
 
 
+@pytest.mark.parametrize("V,chunk", [(37, 8), (64, 8), (5, 8), (1000, 1024)])
+def test_two_level_argmax_is_argmax(V, chunk):
+    """sampler.argmax_rows equals torch.argmax, the first maximum of each row: rows with ties inside a chunk and
+    across chunks, a vocabulary that is not a multiple of the chunk (padding), one shorter than a chunk."""
+    gen = torch.Generator().manual_seed(V)
+    x = torch.randn(6, V, generator=gen).mul(2).round()  # many ties
+    x[1] = 3.0  # all tied: index 0
+    x[2, V // 2:] = 9.0  # ties from the middle on, across chunks
+    x[3, -1] = 9.0  # the maximum in the padded last chunk
+    x[4] = float("-inf")
+    x[4, V - 2] = 0.0  # one finite value (banned tokens are -inf)
+    got = sampler.argmax_rows(x, chunk)
+    assert torch.equal(got, x.argmax(dim=-1))
+    assert got[1] == 0 and got[2] == V // 2 and got[3] == V - 1 and got[4] == V - 2
+
+
 def test_noise_is_uniform_and_seeded():
     g = sampler.gumbel_noise(torch.tensor(3), torch.tensor(4), 64, 1000)
     u = torch.exp(-torch.exp(-g))  # back to uniforms

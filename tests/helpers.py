@@ -123,7 +123,32 @@ def import_interpreted(module_name, kernel_name):
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = before
+    round_bf16_to_nearest_in_the_interpreter()
     return module
+
+
+def round_bf16_to_nearest_in_the_interpreter():
+    """Triton's interpreter (3.9) casts float32 to bfloat16 by dropping the low 16 bits (round toward zero), where
+    the GPU rounds to nearest even, as PyTorch does. A kernel that rounds a product to bf16 before its next op then
+    drifts by a step per rounding on the CPU only; one seed in a few hundred pushed a gated product past its
+    tolerance. Cast through PyTorch instead, so that the interpreter rounds as the GPU does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    truncating = InterpreterBuilder.cast_impl
+    if getattr(truncating, "rounds_to_nearest", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = np.ascontiguousarray(src.data, dtype=np.float32)
+            bits = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return TensorHandle(bits, dst_type.scalar)
+        return truncating(self, src, dst_type)
+
+    cast_impl.rounds_to_nearest = True
+    InterpreterBuilder.cast_impl = cast_impl
 
 
 def fresh_generator():

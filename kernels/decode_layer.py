@@ -18,8 +18,9 @@ whole rows where they fit, see PRELOAD_WHOLE), then walks the rest of the input 
 `attend` is kernels/decode_attention.py's split-KV attention with the rotary and the cache write folded in:
 each program rotates its query heads itself (and normalises them, Qwen3), and the program whose slot range holds
 the new token writes its rotated key and its value into the cache (and into the range's first block, which it
-read before the wait); the ranges are merged by decode_attention's merge kernel. (Merging in the split kernel, by the last range to finish a head, was measured
-slower on the H100: 8.1 against 5.6 us per layer at Qwen2.5-VL-3B; the merging program walks the ranges alone.)
+read before the wait); the ranges are merged by decode_attention's merge kernel. (Merging in the split kernel, by
+the last range to finish a head, was measured slower on the H100: 8.1 against 5.6 us per layer at Qwen2.5-VL-3B;
+the merging program walks the ranges alone.)
 
 Numerics follow the PyTorch layer op by op in the activation dtype: the normed input is rounded to the dtype
 before and after the norm weight (transformers' Qwen2RMSNorm), a projection's output is rounded before its bias,

@@ -223,9 +223,13 @@ if triton_available():
     @triton.jit
     def _normed(x_ptr, nw_ptr, cols, rstd, D, dtype: tl.constexpr):
         """rmsnorm(x)[cols] in float32, with RMSNorm's two roundings to the activation dtype."""
-        ok = cols < D
-        x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        nw = tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        return _normed_values(x, nw_ptr, cols, rstd, D, dtype)
+
+    @triton.jit
+    def _normed_values(x, nw_ptr, cols, rstd, D, dtype: tl.constexpr):
+        """The same from x[cols] already loaded (float32)."""
+        nw = tl.load(nw_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         return ((x * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
 
     @triton.jit
@@ -248,8 +252,7 @@ if triton_available():
         if WHOLE_ROW:  # the first tile is the whole row: read the input once, for the rms and the dot
             x0 = tl.load(x_ptr + rf, mask=rf < D, other=0.0).to(tl.float32)
             rstd = tl.rsqrt(tl.sum(x0 * x0, axis=0) / D + eps)
-            nw = tl.load(nw_ptr + rf, mask=rf < D, other=0.0).to(tl.float32)
-            h0 = ((x0 * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)  # as _normed
+            h0 = _normed_values(x0, nw_ptr, rf, rstd, D, dtype)
         else:
             sq = tl.zeros([BLOCK_K], tl.float32)
             for k0 in range(0, D, BLOCK_K):  # the row's mean square: every program redoes it (D values, from L2)

@@ -1,4 +1,5 @@
-"""One decoder layer of a one-row decode step in six Triton launches, for the sampler (minivl/sampler.py).
+"""One decoder layer of a one-row decode step in six Triton launches, for the sampler (minivl/sampler.py); and the
+step's two ends: its inputs (`step_inputs`, one launch) and, when greedy, its tail (`greedy_record`, two).
 
     qkv = norm_matvec(x, input_norm_weight, eps, qkv_weight, qkv_bias)          # rms-norm + q/k/v + bias
     a = attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)  # rotary, cache write, split-KV
@@ -124,6 +125,34 @@ def attend_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot,
     return decode_attention(q[None, :, None], k_cache, v_cache, mask)
 
 
+def step_inputs_reference(token, embed_weight, slot, cos_table, sin_table, key_valid):
+    """What sampler.step_inputs gives for one row, from the tables of its rotary (S, Dh), row s = slot s's."""
+    S = key_valid.shape[-1]
+    mask = key_valid.view(1, S) & (torch.arange(S, device=slot.device) <= slot)  # (1, S)
+    return (embed_weight[token].view(1, 1, -1), cos_table[slot].view(1, 1, -1), sin_table[slot].view(1, 1, -1),
+            mask.view(1, 1, 1, S))
+
+
+def greedy_record_reference(logits, banned, eos, pad_id, token, step, done, lengths, tokens, logprobs, positions,
+                            logits_out):
+    """sampler.record for one row and greedy sampling, then the next slot: the row's token is the first maximum of
+    its logits (1, V) outside `banned`, its log-prob the log-softmax there; a finished row (done) only pads."""
+    x = logits.float().view(1, -1)
+    logits_out.copy_(x)
+    x = x.index_fill(1, banned, float("-inf"))
+    best = x.argmax(dim=-1)  # (1,)
+    logprob = x.gather(1, best[:, None])[:, 0] - x.logsumexp(dim=-1)
+    active = ~done
+    best = torch.where(active, best, pad_id)
+    tokens.index_copy_(1, step.view(1), best[:, None])
+    logprobs.index_copy_(1, step.view(1), torch.where(active, logprob, 0.0)[:, None])
+    lengths.add_(active.long())
+    done.logical_or_((best[:, None] == eos).any(dim=-1) & active)
+    token.copy_(best)
+    step.add_(1)
+    positions.add_(1)
+
+
 # ----------------------------------------------------------------------------------------- dispatch
 
 def _check(name, cond, message):
@@ -210,6 +239,64 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
     _merge_kernel[(H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS),
                         PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
+
+
+def step_inputs(token, embed_weight, slot, cos_table, sin_table, key_valid):
+    """The inputs of a one-row step in one launch: token (1,) -> its embedding x (1, 1, D), row `slot` (1,) of the
+    rotary tables (S, Dh) -> cos, sin (1, 1, Dh), and the mask (1, 1, 1, S): key_valid (1, S) up to the slot.
+    Launched without PDL, so that the layer kernels after it, which read the mask before their wait, see it."""
+    if not use_triton(token, embed_weight, cos_table):
+        return step_inputs_reference(token, embed_weight, slot, cos_table, sin_table, key_valid)
+    (V, D), (S, Dh) = embed_weight.shape, cos_table.shape
+    _check("step_inputs", token.numel() == 1 and slot.numel() == 1 and sin_table.shape == (S, Dh)
+           and key_valid.numel() == S and key_valid.dtype == torch.bool and Dh & (Dh - 1) == 0
+           and embed_weight.is_contiguous() and cos_table.is_contiguous() and sin_table.is_contiguous(),
+           f"token {tuple(token.shape)}, embedding {tuple(embed_weight.shape)}, rotary tables {tuple(cos_table.shape)}"
+           f" / {tuple(sin_table.shape)}, key_valid {tuple(key_valid.shape)} {key_valid.dtype}: want one token, "
+           "contiguous (S, Dh) tables with Dh a power of two, a bool key_valid of S slots")
+    block = 1024 if token.is_cuda else 32
+    x = torch.empty(1, 1, D, dtype=embed_weight.dtype, device=token.device)
+    cos = torch.empty(1, 1, Dh, dtype=cos_table.dtype, device=token.device)
+    sin = torch.empty_like(cos)
+    mask = torch.empty(1, 1, 1, S, dtype=torch.bool, device=token.device)
+    _step_inputs_kernel[(triton.cdiv(max(D, S), block),)](
+        token, embed_weight, slot, cos_table, sin_table, key_valid.contiguous(), x, cos, sin, mask, D, S,
+        BLOCK=block, DH=Dh)
+    return x, cos, sin, mask
+
+
+def greedy_record(logits, banned, eos, pad_id, token, step, done, lengths, tokens, logprobs, positions,
+                  logits_out):
+    """The greedy tail of a one-row step in two launches (greedy_record_reference says what it does): each program
+    of the first takes a chunk of the logits (1, V), stores them as float32 into logits_out, and leaves the chunk's
+    maximum outside `banned`, where it first occurs, and its sum of exp(x - max); one program then combines the
+    chunks (the log-sum-exp, the first maximum) and records the token: column `step` of tokens and logprobs (1, L),
+    lengths, done (an id of `eos`), token; then step and positions move on. Compiled by inductor the same tail was
+    ~9 small kernels, ~15 us of a ~2 ms step (benchmarks/NOTES_sampler.md, session 7); these two made the step
+    0.996x (session 8)."""
+    if not use_triton(logits, tokens):
+        return greedy_record_reference(logits, banned, eos, pad_id, token, step, done, lengths, tokens, logprobs,
+                                       positions, logits_out)
+    V, L = logits.shape[-1], tokens.shape[-1]
+    _check("greedy_record", logits.numel() == V and logits_out.numel() == V and logits_out.dtype == torch.float32
+           and tokens.shape == (1, L) and logprobs.shape == (1, L) and token.numel() == 1 and done.numel() == 1
+           and lengths.numel() == 1 and step.numel() == 1 and positions.numel() == 1 and tokens.is_contiguous()
+           and logprobs.is_contiguous() and logits.is_contiguous() and logits_out.is_contiguous(),
+           f"logits {tuple(logits.shape)}, logits_out {tuple(logits_out.shape)} {logits_out.dtype}, tokens "
+           f"{tuple(tokens.shape)}, logprobs {tuple(logprobs.shape)}: want one row of V logits, a float32 copy of "
+           "them, (1, L) contiguous outputs and one-element state")
+    block = 1024 if logits.is_cuda else 64
+    chunks = triton.cdiv(V, block)
+    chunk_max = torch.empty(2, chunks, dtype=torch.float32, device=logits.device)  # max, sum of exp(x - max)
+    chunk_at = torch.empty(chunks, dtype=torch.int32, device=logits.device)  # where the max first occurs
+    pdl = _pdl(logits.device)
+    _greedy_chunks_kernel[(chunks,)](
+        logits, banned if banned.numel() else token, logits_out, chunk_max, chunk_at, V, banned.numel(),
+        BLOCK=block, NBP=max(2, triton.next_power_of_2(banned.numel())), PDL=pdl, num_warps=4, launch_pdl=pdl)
+    _greedy_record_kernel[(1,)](
+        chunk_max, chunk_at, eos if eos.numel() else token, token, step, done, lengths, tokens, logprobs, positions,
+        chunks, eos.numel(), pad_id, CP=max(2, triton.next_power_of_2(chunks)),
+        NEP=max(2, triton.next_power_of_2(eos.numel())), PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -359,3 +446,60 @@ if triton_available():
         m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr, kv, first, S, DH, qk_scale, m_i, l_i, acc,
                                        1, PER_SPLIT, DH, BS, F32)
         _store_range(acc, l_i, m_i, part_ptr, lse_ptr, kh * NS + split, G, GP, DH)
+
+    @triton.jit
+    def _step_inputs_kernel(token_ptr, embed_ptr, slot_ptr, cos_t_ptr, sin_t_ptr, valid_ptr, x_ptr, cos_ptr,
+                            sin_ptr, mask_ptr, D, S, BLOCK: tl.constexpr, DH: tl.constexpr):
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) columns of x and slots of the mask
+        token = tl.load(token_ptr).to(tl.int64)
+        slot = tl.load(slot_ptr)
+        tl.store(x_ptr + r, tl.load(embed_ptr + token * D + r, mask=r < D), mask=r < D)
+        valid = tl.load(valid_ptr + r, mask=r < S, other=0).to(tl.int1)
+        tl.store(mask_ptr + r, valid & (r <= slot), mask=r < S)
+        if tl.program_id(0) == 0:
+            rd = tl.arange(0, DH)
+            tl.store(cos_ptr + rd, tl.load(cos_t_ptr + slot * DH + rd))
+            tl.store(sin_ptr + rd, tl.load(sin_t_ptr + slot * DH + rd))
+
+    @triton.jit
+    def _greedy_chunks_kernel(logits_ptr, banned_ptr, out_ptr, max_ptr, at_ptr, V, NB, BLOCK: tl.constexpr,
+                              NBP: tl.constexpr, PDL: tl.constexpr):
+        c = tl.program_id(0)
+        cols = c * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) token ids of this chunk
+        rb = tl.arange(0, NBP)
+        banned = tl.load(banned_ptr + rb, mask=rb < NB, other=-1)  # (NBP,)
+        _wait_for_previous_kernel(PDL)
+        x = tl.load(logits_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        tl.store(out_ptr + cols, x, mask=cols < V)
+        hit = tl.sum((cols[:, None] == banned[None, :]).to(tl.int32), axis=1) > 0  # (BLOCK,)
+        x = tl.where(hit | (cols >= V), float("-inf"), x)
+        m = tl.max(x, axis=0)
+        at = tl.min(tl.where(x == m, cols, V), axis=0)  # the first maximum, as torch.argmax
+        shift = tl.where(m == float("-inf"), 0.0, m)  # a chunk of banned ids only: sum 0, not NaN
+        tl.store(max_ptr + c, m)
+        tl.store(max_ptr + tl.num_programs(0) + c, tl.sum(tl.exp(x - shift), axis=0))
+        tl.store(at_ptr + c, at)
+
+    @triton.jit
+    def _greedy_record_kernel(max_ptr, at_ptr, eos_ptr, token_ptr, step_ptr, done_ptr, lengths_ptr, tokens_ptr,
+                              logprobs_ptr, positions_ptr, C, NE, pad_id, CP: tl.constexpr, NEP: tl.constexpr,
+                              PDL: tl.constexpr):
+        rc, re = tl.arange(0, CP), tl.arange(0, NEP)
+        eos = tl.load(eos_ptr + re, mask=re < NE, other=-1)  # (NEP,)
+        _wait_for_previous_kernel(PDL)
+        m = tl.load(max_ptr + rc, mask=rc < C, other=float("-inf"))  # (CP,) each chunk's max
+        total = tl.load(max_ptr + C + rc, mask=rc < C, other=0.0)  # and sum of exp(x - max)
+        top = tl.max(m, axis=0)
+        lse = top + tl.log(tl.sum(total * tl.exp(m - top), axis=0))
+        best = tl.min(tl.where(m == top, tl.load(at_ptr + rc, mask=rc < C, other=0), 2**30), axis=0).to(tl.int64)
+        step = tl.load(step_ptr)
+        active = tl.load(done_ptr).to(tl.int1) == 0
+        best = tl.where(active, best, pad_id)
+        tl.store(tokens_ptr + step, best)
+        tl.store(logprobs_ptr + step, tl.where(active, top - lse, 0.0))
+        tl.store(lengths_ptr, tl.load(lengths_ptr) + active.to(tl.int64))
+        ends = tl.sum((eos == best).to(tl.int32), axis=0) > 0
+        tl.store(done_ptr, (active == 0) | ends)  # a finished row stays finished
+        tl.store(token_ptr, best)
+        tl.store(step_ptr, step + 1)
+        tl.store(positions_ptr, tl.load(positions_ptr) + 1)

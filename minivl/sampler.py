@@ -134,6 +134,7 @@ class DecodeState:
     pad_id: int
     decode: DecodeOptions
     fused: list  # one Fused per decoder layer, made for this call from the live weights
+    rotary: tuple = None  # one row through the kernel layers: cos and signed sin (S, Dh) of every slot's position
 
     def small_tensors(self):
         return [self.cache.positions, self.token, self.step, self.done, self.lengths, self.tokens, self.logprobs]
@@ -293,6 +294,11 @@ def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, p
     # run_layer_kernels reads gate and up from their own weights: no fused copy for them
     groups = ("qkv",) if decode.kernel_layers(state.token) else decode.fuse
     state.fused = fuse_weights(model, groups)
+    if decode.kernel_layers(state.token) and type(model.model.language_model.embed_tokens) is nn.Embedding:
+        slots = (torch.arange(S, device=device) + state.delta).view(1, 1, S).expand(3, 1, S)  # text: t = h = w
+        cos, sin = mrope_cos_sin(slots, text_cfg.head_dim, text_cfg.rope_theta, text_cfg.mrope_section,
+                                 text_cfg.mrope_interleaved, model.dtype)
+        state.rotary = (cos[0], sin[0])  # (S, Dh) each, read by kernels/decode_layer.step_inputs
     record(state, logits.repeat_interleave(n, dim=0), sampling)
     return state
 
@@ -392,6 +398,24 @@ def head_logits_kernel(model, x):
     return norm_matvec(x, norm.weight, norm.eps, model.lm_head.weight)[:, 0]
 
 
+def step_inputs_kernel(text, state):
+    """step_inputs for one row in one launch (kernels/decode_layer.py), from the rotary tables of prefill: inductor
+    made four kernels of it (embedding, rotary, mask, slot); 0.997x the Qwen2.5-VL-3B step (H200, session 8)."""
+    from kernels.decode_layer import step_inputs as gather
+
+    return gather(state.token, text.embed_tokens.weight, state.cache.positions, *state.rotary, state.key_valid)
+
+
+def greedy_record_kernel(state, logits):
+    """step_sample for one row and greedy sampling in two launches (kernels/decode_layer.py): banned ids, the
+    first maximum and its log-prob, the outputs, the next slot. Compiled, that tail was ~9 small kernels; this is
+    0.996x the Qwen2.5-VL-3B step (H200, benchmarks/NOTES_sampler.md, session 8). Sampling keeps the compiled tail."""
+    from kernels.decode_layer import greedy_record
+
+    greedy_record(logits, state.banned, state.eos, state.pad_id, state.token, state.step, state.done,
+                  state.lengths, state.tokens, state.logprobs, state.cache.positions, state.logits)
+
+
 PARTS = (step_inputs, run_layer, step_outputs, step_sample)
 
 
@@ -405,14 +429,21 @@ def decode_step(model, state, sampling, parts=PARTS):
     if kernel_layers:
         import kernels  # imported when first used: Triton with it
         kernels.check_ours()
-    x, cos, sin, mask = begin(text, state)
+    if kernel_layers and state.rotary is not None:
+        x, cos, sin, mask = step_inputs_kernel(text, state)
+    else:
+        x, cos, sin, mask = begin(text, state)
     for i, layer in enumerate(text.layers):
         if kernel_layers and kernels_can_run(layer, state.fused[i]):
             x = run_layer_kernels(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i])
         else:
             x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i], attention_fn)
     if kernel_layers and head_kernel_can_run(model):
-        sample(state, head_logits_kernel(model, x), sampling)
+        logits = head_logits_kernel(model, x)  # (1, V)
+        if sampling == Sampling(0.0):
+            greedy_record_kernel(state, logits)
+        else:
+            sample(state, logits, sampling)
     else:
         end(model, state, x, sampling)  # x: (N, 1, D)
 

@@ -144,6 +144,59 @@ def test_attend(case, qk_norm, dtype, triton_cpu):
     assert torch.equal(v_cache[:, :, others].nan_to_num(7), before[1][:, :, others].nan_to_num(7))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [300, 64, 50])  # several chunks of the interpreter's 64 ids and a partial one; one; less
+def test_step_inputs(V, dtype, triton_cpu):
+    gen, seed = fresh_generator()
+    D, S, Dh = 40, 70, 16  # the mask spans two programs of 32 slots and a partial one; D does not fill its last
+    embed = torch.randn(V, D, generator=gen).to(dtype)
+    cos_t, sin_t = torch.randn(S, Dh, generator=gen).to(dtype), torch.randn(S, Dh, generator=gen).to(dtype)
+    token, slot = torch.randint(V, (1,), generator=gen), torch.randint(S, (1,), generator=gen)
+    key_valid = torch.rand(1, S, generator=gen) > 0.3
+    x, cos, sin, mask = dl.step_inputs(token, embed, slot, cos_t, sin_t, key_valid)
+    assert torch.equal(x, embed[int(token)].view(1, 1, D)), f"seed {seed}"
+    assert torch.equal(cos, cos_t[int(slot)].view(1, 1, Dh)) and torch.equal(sin, sin_t[int(slot)].view(1, 1, Dh))
+    want = [bool(key_valid[0, s]) and s <= int(slot) for s in range(S)]
+    assert mask.shape == (1, 1, 1, S) and mask.view(S).tolist() == want, f"seed {seed}"
+
+
+def greedy_state(L, step, done):
+    return dict(token=torch.tensor([5]), step=torch.tensor(step), done=torch.tensor([done]),
+                lengths=torch.tensor([step]), tokens=torch.full((1, L), 9), logprobs=torch.full((1, L), 7.0),
+                positions=torch.tensor([40]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [300, 64, 50])
+@pytest.mark.parametrize("case", ["plain", "banned max", "tie", "eos", "done"])
+def test_greedy_record(case, V, dtype, triton_cpu):
+    gen, seed = fresh_generator()
+    logits = torch.randn(1, V, generator=gen).mul(3).to(dtype)
+    top = int(logits.float().argmax())
+    banned = torch.tensor([3, V - 1]) if case != "banned max" else torch.tensor([top, 3, V - 1])
+    if case == "tie":  # two equal maxima in different chunks: the first one wins, as torch.argmax
+        logits[0, 1], logits[0, V - 2] = 50.0, 50.0
+    x = logits.double().view(V)
+    x[banned] = float("-inf")
+    best = int(x.argmax())  # the first maximum
+    logprob = float(x[best] - x.logsumexp(0))
+    eos = torch.tensor([11, best]) if case == "eos" else torch.tensor([11])
+    state = greedy_state(L=6, step=2, done=case == "done")
+    logits_out = torch.zeros(1, V)
+    dl.greedy_record(logits, banned, eos, 0, **state, logits_out=logits_out)
+
+    assert torch.equal(logits_out, logits.float()), f"seed {seed}"
+    if case == "done":  # a finished row writes padding, log-prob 0, and stays finished
+        token, logprob, length, done = 0, 0.0, 2, True
+    else:
+        token, length, done = best, 3, case == "eos"
+    assert state["tokens"].tolist() == [[9, 9, token, 9, 9, 9]] and int(state["token"]) == token, f"seed {seed}"
+    assert state["logprobs"][0, [0, 1, 3]].tolist() == [7.0] * 3
+    assert abs(float(state["logprobs"][0, 2]) - logprob) <= 1e-5 * max(1.0, abs(logprob)), f"seed {seed}"
+    assert int(state["lengths"]) == length and bool(state["done"]) == done
+    assert int(state["step"]) == 3 and int(state["positions"]) == 41
+
+
 def test_bad_shapes_are_named(triton_cpu):
     x, w = torch.randn(1, 1, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="norm_matvec"):
@@ -173,11 +226,27 @@ def test_twins_agree(triton_cpu, monkeypatch):
     r = torch.randn(1, 1, O, generator=gen)
     got = [dl.norm_matvec(x, nw, 1e-6, w, b), dl.norm_matvec(x, nw, 1e-6, w, up_weight=u),
            dl.matvec_residual(x, w, r)]
+    logits, banned, eos = torch.randn(1, 200, generator=gen), torch.tensor([4, 7]), torch.tensor([1])
+    tails = [(greedy_state(L=5, step=1, done=done), torch.zeros(1, 200)) for done in (False, True)]
+    for (state, logits_out), done in zip(tails, (False, True)):
+        dl.greedy_record(logits, banned, eos, 0, **state, logits_out=logits_out)
     monkeypatch.setenv("MINIVL_KERNELS", "reference")
     want = [dl.norm_matvec(x, nw, 1e-6, w, b), dl.norm_matvec(x, nw, 1e-6, w, up_weight=u),
             dl.matvec_residual(x, w, r)]
     for g, t in zip(got, want):
         torch.testing.assert_close(g, t, atol=1e-4, rtol=1e-5, msg=f"seed {seed}")
+    for (state, logits_out), done in zip(tails, (False, True)):
+        ref, ref_out = greedy_state(L=5, step=1, done=done), torch.zeros(1, 200)
+        dl.greedy_record(logits, banned, eos, 0, **ref, logits_out=ref_out)
+        assert torch.equal(ref_out, logits_out) and torch.allclose(ref["logprobs"], state["logprobs"], atol=1e-6)
+        assert all(torch.equal(ref[k], state[k]) for k in ref if k != "logprobs"), f"seed {seed}, done {done}"
+    table = torch.randn(20, 16, generator=gen)
+    args = (torch.tensor([3]), torch.randn(10, 8, generator=gen), torch.tensor([6]), table, -table,
+            torch.rand(1, 20, generator=gen) > 0.2)
+    monkeypatch.setenv("MINIVL_KERNELS", "triton")
+    got = dl.step_inputs(*args)
+    monkeypatch.setenv("MINIVL_KERNELS", "reference")
+    assert all(torch.equal(g, w) for g, w in zip(got, dl.step_inputs(*args)))
 
 
 COMPILE_FOR_H100 = """
@@ -202,6 +271,14 @@ for qk_norm in (False, True):
     pointers.update(slot_ptr="*i64", mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32")
     build(dl._attend_kernel, pointers, dict(S="i32", eps="fp32", qk_scale="fp32"),
           dict(H=16, K=2, G=8, GP=16, DH=128, BS=64, PER_SPLIT=2, NS=9, QK_NORM=qk_norm, F32=False, PDL=True))
+build(dl._step_inputs_kernel, dict(token_ptr="*i64", embed_ptr=bf, slot_ptr="*i64", cos_t_ptr=bf, sin_t_ptr=bf,
+      valid_ptr="*i1", x_ptr=bf, cos_ptr=bf, sin_ptr=bf, mask_ptr="*i1"), dict(D="i32", S="i32"),
+      dict(BLOCK=1024, DH=128))
+build(dl._greedy_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", out_ptr="*fp32", max_ptr="*fp32",
+      at_ptr="*i32"), dict(V="i32", NB="i32"), dict(BLOCK=1024, NBP=8, PDL=True))
+build(dl._greedy_record_kernel, dict(max_ptr="*fp32", at_ptr="*i32", eos_ptr="*i64", token_ptr="*i64",
+      step_ptr="*i64", done_ptr="*i1", lengths_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32",
+      positions_ptr="*i64"), dict(C="i32", NE="i32", pad_id="i32"), dict(CP=256, NEP=2, PDL=True))
 import kernels.decode_attention as da
 build(da._merge_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr=bf), {},
       dict(H=16, G=8, DH=128, NS=9, NSP=16, PDL=True))

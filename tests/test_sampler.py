@@ -192,15 +192,30 @@ def test_kernel_layers_on_one_row(pair, monkeypatch):
     decode = sampler.DecodeOptions(fuse=(), coordinate_descent=False, layer="kernels")  # q/k/v fused all the same
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("MINIVL_KERNELS", "triton")
-    calls, heads = [], []
+    calls, heads, ends = [], [], []
     run, head = sampler.run_layer_kernels, sampler.head_logits_kernel
+    begin, tail = sampler.step_inputs_kernel, sampler.greedy_record_kernel
     monkeypatch.setattr(sampler, "run_layer_kernels", lambda *a: calls.append(1) or run(*a))
     monkeypatch.setattr(sampler, "head_logits_kernel", lambda *a: heads.append(1) or head(*a))
+    monkeypatch.setattr(sampler, "step_inputs_kernel", lambda *a: ends.append("inputs") or begin(*a))
+    monkeypatch.setattr(sampler, "greedy_record_kernel", lambda *a: ends.append("greedy") or tail(*a))
     steps, layers = 10, len(ours.model.language_model.layers)
     out = minivl.generate(ours, batch, max_new_tokens=steps, temperature=0.0, decode=decode)
     assert torch.equal(out.tokens, hf_generate(hf, batch, steps))
     assert len(calls) == (0 if family == "qwen3_vl_moe" else layers * (steps - 1))  # MoE layers: compiled path
     assert len(heads) == steps - 1  # the final norm + lm_head through the kernel at every decode step
+    assert ends == ["inputs", "greedy"] * (steps - 1)  # and the step's inputs and greedy tail
+    with torch.no_grad():
+        full = ours(torch.cat([ids, out.tokens], 1), attention_mask=torch.cat([mask, torch.ones_like(out.tokens)], 1),
+                    pixel_values=pv, image_grid_thw=thw)[0, ids.shape[1] - 1 : -1].float()  # (steps, V)
+    full[:, BANNED] = float("-inf")
+    want = full.log_softmax(-1).gather(1, out.tokens[0][:, None])[:, 0]
+    assert (out.logprobs[0] - want).abs().max() <= TOL  # the greedy tail's log-probs are the model's
+    eos = int(out.tokens[0, 3])
+    first = out.tokens[0].tolist().index(eos)
+    ended = minivl.generate(ours, batch, max_new_tokens=steps, temperature=0.0, decode=decode, eos_token_id=eos)
+    assert ended.tokens[0].tolist() == out.tokens[0, : first + 1].tolist() and int(ended.lengths[0]) == first + 1
+    assert not ended.truncated[0]
 
     s = sampler.Sampling(temperature=0.9)
     with torch.no_grad():

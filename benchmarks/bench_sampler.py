@@ -12,7 +12,8 @@ Runs, per model:
   b=1   greedy, 256 new tokens. transformers: min_new_tokens = max_new_tokens; minivl: no eos. Same count.
   b=64  8 prompts x 8 answers, temperature 1, 512 new tokens. transformers is timed on --hf-tokens new tokens
         and its time for 512 is its prefill (TTFT) plus 511 of its measured decode steps (extrapolated: the
-        table says so); the fastest of --hf-repeats runs.
+        table says so); the fastest of --hf-repeats runs. --attention-64 auto triton: minivl's rows once per
+        DecodeOptions.attention, against the same transformers run.
 Columns:
   tok/s          rows x new tokens / wall time of one generate call (prefill, vision tower, compile cache
                  lookups and the CUDA-graph capture included), median of --repeats calls after a warm-up call.
@@ -28,6 +29,7 @@ rounding differs between the two implementations, so long answers may part).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -148,12 +150,12 @@ def kv_bytes(cfg, rows, slots, dtype_bytes=2):
     return 2 * t.num_hidden_layers * rows * t.num_key_value_heads * slots * t.head_dim * dtype_bytes
 
 
-def decode_time(model, batch, n, new_tokens, temperature, device, compile=None):
+def decode_time(model, batch, n, new_tokens, temperature, device, compile=None, decode=sampler.DECODE):
     """Seconds per decode step of the captured graph (all max_new_tokens - 1 steps of one answer)."""
     s = sampler.Sampling(temperature)
     compile = COMPILE if compile is None else compile
     with torch.no_grad():
-        state = sampler.prefill(model, batch, n, new_tokens, s, eos=[], pad_id=0, seed=0)
+        state = sampler.prefill(model, batch, n, new_tokens, s, eos=[], pad_id=0, seed=0, decode=decode)
         step = sampler.cuda_graph_step(model, state, s, compile) if device == "cuda" else (
             lambda: sampler.decode_step(model, state, s))
         _, seconds, _ = measure(lambda: [step() for _ in range(new_tokens - 1)], device)
@@ -253,21 +255,29 @@ def bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args):
     say(f"b={N} transformers: {N * hf_new / t_hf:.0f} tok/s over {hf_new} tokens, step {hf_step * 1e3:.1f} ms, "
         f"TTFT {ttft_hf * 1e3:.0f} ms, peak {peak_hf / 2**30:.2f} GiB; {new} tokens extrapolated: "
         f"{N * new / t_hf_full:.0f} tok/s")
-    gen = lambda: minivl_generate(ours, batch, new, temperature=1.0, num_return_sequences=n, seed=0)  # noqa
-    _, t_first, _ = first_call(gen, device)
-    out, t_ours, peak = median_run(gen, device, args.repeats)
-    _, ttft, _ = median_run(lambda: minivl_generate(ours, batch, 1, temperature=1.0, num_return_sequences=n),
-                            device, 3)
-    step, S = decode_time(ours, batch, n, new, 1.0, device)
-    kv_full, kv_live = kv_bytes(cfg, N, S), kv_bytes(cfg, N, T0 + new / 2)
-    say(f"b={N} minivl: {N * new / t_ours:.0f} tok/s (first call, compiling: {t_first:.1f} s), decode "
-        f"{N / step:.0f} tok/s (step {step * 1e3:.2f} ms), TTFT {ttft * 1e3:.0f} ms, peak {peak / 2**30:.2f} GiB;"
-        f" a step reads {weights / 1e9:.2f} GB weights + {kv_full / 1e9:.2f} GB cache ({kv_live / 1e9:.2f} GB "
-        f"written so far, on average)")
-    return dict(model=name, rows=N, prompt=T0, new=new, hf=N * new / t_hf_full, ours=N * new / t_ours,
-                decode=N / step, floor_weights=N * bandwidth / weights, floor=N * bandwidth / (weights + kv_full),
-                ttft_hf=ttft_hf, ttft=ttft, peak_hf=peak_hf, peak=peak, greedy="",
-                hf_note=f"timed on {hf_new}, extrapolated", compile_s=t_first - t_ours)
+    rows = []
+    for attention in args.attention_64:  # each a row, against the same transformers run
+        decode = dataclasses.replace(sampler.DECODE, attention=attention)
+        sampler.forget_compiled()
+        gen = lambda: minivl_generate(ours, batch, new, temperature=1.0, num_return_sequences=n, seed=0,  # noqa
+                                      decode=decode)
+        _, t_first, _ = first_call(gen, device)
+        out, t_ours, peak = median_run(gen, device, args.repeats)
+        _, ttft, _ = median_run(lambda: minivl_generate(ours, batch, 1, temperature=1.0, num_return_sequences=n,
+                                                        decode=decode), device, 3)
+        step, S = decode_time(ours, batch, n, new, 1.0, device, decode=decode)
+        kv_full, kv_live = kv_bytes(cfg, N, S), kv_bytes(cfg, N, T0 + new / 2)
+        say(f"b={N} minivl (attention {attention}): {N * new / t_ours:.0f} tok/s (first call, compiling: "
+            f"{t_first:.1f} s), decode {N / step:.0f} tok/s (step {step * 1e3:.2f} ms), TTFT {ttft * 1e3:.0f} ms, "
+            f"peak {peak / 2**30:.2f} GiB; a step reads {weights / 1e9:.2f} GB weights + {kv_full / 1e9:.2f} GB "
+            f"cache ({kv_live / 1e9:.2f} GB written so far, on average)")
+        label = name if attention == "auto" else f"{name} ({attention})"
+        rows.append(dict(model=label, rows=N, prompt=T0, new=new, hf=N * new / t_hf_full, ours=N * new / t_ours,
+                         decode=N / step, floor_weights=N * bandwidth / weights,
+                         floor=N * bandwidth / (weights + kv_full), ttft_hf=ttft_hf, ttft=ttft, peak_hf=peak_hf,
+                         peak=peak, greedy="", hf_note=f"timed on {hf_new}, extrapolated",
+                         compile_s=t_first - t_ours))
+    return rows
 
 
 def bench_model(name, device, bandwidth, args):
@@ -279,10 +289,12 @@ def bench_model(name, device, bandwidth, args):
     rows = []
     # each configuration is compiled afresh for its shapes (torch.compile would otherwise make the shapes that
     # changed symbolic, as it does for a second call with other shapes)
-    for run, fn in (("b1", bench_batch1), ("b64", bench_rollouts)):
-        if run in args.runs:
-            torch._dynamo.reset()
-            rows.append(fn(name, cfg, hf, ours, weights, bandwidth, device, args))
+    if "b1" in args.runs:
+        torch._dynamo.reset()
+        rows.append(bench_batch1(name, cfg, hf, ours, weights, bandwidth, device, args))
+    if "b64" in args.runs:
+        torch._dynamo.reset()
+        rows += bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args)
     del hf, ours
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -321,6 +333,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--runs", nargs="+", default=["b1", "b64"], choices=["b1", "b64"])
+    ap.add_argument("--attention-64", nargs="+", default=["auto"], choices=["auto", "sdpa", "math", "triton"],
+                    help="b=64: DecodeOptions.attention of minivl's rows, a row each")
     ap.add_argument("--no-compile", action="store_true", help="capture the eager decode step (CUDA graph only)")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")

@@ -63,7 +63,10 @@ def _decode_attention_triton(q, k, v, mask):
         K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh, BS=BS, PER_SPLIT=per_split, NS=NS,
         F32=k.dtype == torch.float32 or not q.is_cuda, num_warps=cfg["num_warps"])
     out = torch.empty(N, H, 1, Dh, dtype=v.dtype, device=q.device)
-    _merge_kernel[(N * H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), num_warps=4)
+    # PDL passed although it is the default: inductor (torch 2.11), launching this kernel inside a compiled step,
+    # counted the defaulted constexpr as a launch argument and failed ("missing ... '_grid_2'", H200, session 8)
+    _merge_kernel[(N * H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), PDL=False,
+                            num_warps=4)
     return out
 
 

@@ -68,7 +68,9 @@ class DecodeOptions:
     memory (3.4 / 8.4 GiB during a call of several rows)."""
     attention: str = "auto"  # "sdpa"; "math": text.decode_attention, the T = 1 attention written out for
     # inductor; "triton": kernels/decode_attention.py, split-KV over the written slots only (CUDA, or the CPU under
-    # TRITON_INTERPRET=1); "auto": math for a single row (3.36 vs 3.65 ms), SDPA for more (64 rows: 4.92 vs 9.15 ms)
+    # TRITON_INTERPRET=1); "auto": math for a single row (3.36 vs 3.65 ms); for more, triton on CUDA when Triton
+    # imports (64 rows, 512 new tokens, H200: a step 0.94x SDPA's at 3B, 0.93x at 8B; SDPA reads the unwritten
+    # cache too), else SDPA (64 rows: 4.92 vs 9.15 ms for math)
     fuse: tuple = ("qkv", "gate_up")  # projections the compiled step reads as one matmul each (fuse_weights)
     coordinate_descent: bool = True  # inductor's coordinate_descent_tuning (gpt-fast): one-row matmuls become
     # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm); compiles ~25 s
@@ -87,14 +89,26 @@ class DecodeOptions:
         return self.layer == "kernels" and token.shape[0] == 1 and (
             token.is_cuda or os.environ.get("MINIVL_KERNELS") == "triton")
 
-    def attention_fn(self, rows):
-        if self.attention == "triton":
+    def attention_fn(self, token):
+        """The attention of a compiled step over rows `token` (N,)."""
+        rows = token.shape[0]
+        if self.attention == "triton" or (self.attention == "auto" and rows > 1 and token.is_cuda and
+                                          kernels_importable()):
             import kernels  # imported when first used: Triton with it
             kernels.check_ours()
             from kernels.decode_attention import decode_attention as split_kv
             return split_kv
         math = self.attention == "math" or (self.attention == "auto" and rows == 1)
         return decode_attention if math else attention
+
+
+def kernels_importable():
+    """Whether minivl's Triton kernels can run here (`import triton` works)."""
+    try:
+        import kernels
+        return kernels.triton_available()
+    except ImportError:
+        return False
 
 
 DECODE = DecodeOptions()  # what generate uses unless given decode=
@@ -424,7 +438,7 @@ def decode_step(model, state, sampling, parts=PARTS):
     for one text token per row. parts: PARTS, or their compiled versions."""
     begin, layer_fn, end, sample = parts
     text = model.model.language_model
-    attention_fn = state.decode.attention_fn(state.token.shape[0])
+    attention_fn = state.decode.attention_fn(state.token)
     kernel_layers = state.decode.kernel_layers(state.token)
     if kernel_layers:
         import kernels  # imported when first used: Triton with it

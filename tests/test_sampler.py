@@ -247,9 +247,17 @@ def test_decode_options_are_checked():
         sampler.DecodeOptions(fuse=("qkv", "o"))
     with pytest.raises(ValueError):
         sampler.DecodeOptions(layer="eager")
-    # "auto" (the default) writes attention out for a single row only: at 64 rows SDPA was 1.9x faster
+    # "auto" (the default) writes attention out for a single row only: at 64 rows SDPA was 1.9x faster; several
+    # rows on CUDA take the split-KV kernel, which skips the cache's unwritten slots
+    from types import SimpleNamespace
+
+    from kernels.decode_attention import decode_attention as split_kv
     auto = sampler.DecodeOptions()
-    assert auto.attention_fn(1) is sampler.decode_attention and auto.attention_fn(2) is sampler.attention
+    one, two = torch.zeros(1, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    assert auto.attention_fn(one) is sampler.decode_attention and auto.attention_fn(two) is sampler.attention
+    cuda_rows, cuda_row = SimpleNamespace(shape=(64,), is_cuda=True), SimpleNamespace(shape=(1,), is_cuda=True)
+    assert auto.attention_fn(cuda_rows) is split_kv and auto.attention_fn(cuda_row) is sampler.decode_attention
+    assert sampler.DecodeOptions(attention="sdpa").attention_fn(cuda_rows) is sampler.attention
 
 
 def test_top_k_one_is_greedy(pair):

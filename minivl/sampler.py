@@ -103,12 +103,13 @@ class DecodeOptions:
 
 
 def kernels_importable():
-    """Whether minivl's Triton kernels can run here (`import triton` works)."""
+    """Whether minivl's Triton kernels can run here: `import triton` works, and `kernels` is minivl's package (not
+    Hugging Face's of the same name, see kernels/__init__.py; with that one, "auto" stays with SDPA)."""
     try:
         import kernels
-        return kernels.triton_available()
     except ImportError:
         return False
+    return getattr(kernels, "MINIVL_KERNELS", False) is True and kernels.triton_available()
 
 
 DECODE = DecodeOptions()  # what generate uses unless given decode=

@@ -180,7 +180,8 @@ def test_greedy_record(case, V, dtype, triton_cpu):
     x[banned] = float("-inf")
     best = int(x.argmax())  # the first maximum
     logprob = float(x[best] - x.logsumexp(0))
-    eos = torch.tensor([11, best]) if case == "eos" else torch.tensor([11])
+    other = (best + 1) % V  # an eos id that is not the token
+    eos = torch.tensor([other, best]) if case == "eos" else torch.tensor([other])
     state = greedy_state(L=6, step=2, done=case == "done")
     logits_out = torch.zeros(1, V)
     dl.greedy_record(logits, banned, eos, 0, **state, logits_out=logits_out)

@@ -306,10 +306,10 @@ def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, p
         logits=torch.zeros(N, text_cfg.vocab_size, device=device),
         banned=torch.tensor(vision_token_ids(cfg), **i64), eos=torch.tensor(eos, **i64),
         seed=torch.tensor(seed, **i64), pad_id=pad_id, decode=decode, fused=[])
+    kernel_layers = decode.kernel_layers(state.token)
     # run_layer_kernels reads gate and up from their own weights: no fused copy for them
-    groups = ("qkv",) if decode.kernel_layers(state.token) else decode.fuse
-    state.fused = fuse_weights(model, groups)
-    if decode.kernel_layers(state.token) and type(model.model.language_model.embed_tokens) is nn.Embedding:
+    state.fused = fuse_weights(model, ("qkv",) if kernel_layers else decode.fuse)
+    if kernel_layers and type(model.model.language_model.embed_tokens) is nn.Embedding:
         slots = (torch.arange(S, device=device) + state.delta).view(1, 1, S).expand(3, 1, S)  # text: t = h = w
         cos, sin = mrope_cos_sin(slots, text_cfg.head_dim, text_cfg.rope_theta, text_cfg.mrope_section,
                                  text_cfg.mrope_interleaved, model.dtype)

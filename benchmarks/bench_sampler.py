@@ -11,8 +11,8 @@ minivl (the same tensors). A prompt is one 448x448 image (Qwen2.5: 32x32 patches
 Runs, per model:
   b=1   greedy, 256 new tokens. transformers: min_new_tokens = max_new_tokens; minivl: no eos. Same count.
   b=64  8 prompts x 8 answers, temperature 1, 512 new tokens. transformers is timed on --hf-tokens new tokens
-        and its time for 512 is its prefill (TTFT) plus 511 of its measured decode steps (extrapolated: the
-        table says so); the fastest of --hf-repeats runs. --attention-64 auto triton: minivl's rows once per
+        (all 512 by default; with fewer, its time for 512 is its prefill (TTFT) plus 511 of its measured decode
+        steps, extrapolated, and the table says so); the fastest of --hf-repeats runs. --attention-64 auto triton: minivl's rows once per
         DecodeOptions.attention, against the same transformers run.
 Columns:
   tok/s          rows x new tokens / wall time of one generate call (prefill, vision tower, compile cache
@@ -275,7 +275,7 @@ def bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args):
         rows.append(dict(model=label, rows=N, prompt=T0, new=new, hf=N * new / t_hf_full, ours=N * new / t_ours,
                          decode=N / step, floor_weights=N * bandwidth / weights,
                          floor=N * bandwidth / (weights + kv_full), ttft_hf=ttft_hf, ttft=ttft, peak_hf=peak_hf,
-                         peak=peak, greedy="", hf_note=f"timed on {hf_new}, extrapolated",
+                         peak=peak, greedy="", hf_note=f"timed on {hf_new}, extrapolated" if hf_new < new else "",
                          compile_s=t_first - t_ours))
     return rows
 
@@ -326,7 +326,8 @@ def main():
     ap.add_argument("--tokens-64", type=int, default=512)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--hf-tokens", type=int, default=64, help="new tokens transformers is timed on at b=64")
+    ap.add_argument("--hf-tokens", type=int, default=512,
+                    help="new tokens transformers is timed on at b=64 (fewer: extrapolated to --tokens-64)")
     ap.add_argument("--check-tokens", type=int, default=24)
     ap.add_argument("--hf-repeats", type=int, default=3, help="b=64: transformers' fastest of this many runs")
     ap.add_argument("--hf-recheck", type=int, default=0, help="time transformers at b=1 again on this many tokens")

@@ -9,9 +9,10 @@ SDPA runs N*K thread blocks (2 at Qwen2.5-VL-3B) that each walk all S slots; the
 (minivl.text.decode_attention) becomes three inductor kernels; both read the cache's unwritten tail too.
 Here the slots are cut into NSPLIT ranges and one program takes (row, key/value head, range), with all G = H/K
 query heads of that key/value head in one tile (padded to 16 rows for the tensor-core dot). A block of slots whose
-mask is all False (the static cache's tail not written yet, or left padding) is skipped without reading k or v,
-so a step reads only the written slots. Each program keeps an online softmax over its range and writes its
+mask is all False (the static cache's tail not written yet, or left padding) reads no k or v bytes (its loads are
+masked off, or, with CONFIG["skip"], the block is branched over), so a step reads only the written slots. Each program keeps an online softmax over its range and writes its
 partial output and log-sum-exp; `_merge_kernel` weights the ranges by their log-sum-exps (one program per head).
+With rows enough to fill the GPU there is one range per (row, key/value head), and no merge.
 
 Numerics: the dots run in the cache's dtype with float32 accumulation, as flash attention does (bf16 on the GPU,
 softmax weights rounded to bf16 for the second dot; float32 caches use IEEE float32 dots). The softmax is in
@@ -28,8 +29,11 @@ import torch
 from kernels import triton_available, use_triton
 from minivl.text import decode_attention as decode_attention_reference  # the same attention, in plain PyTorch
 
-CONFIG = {"BS": 64, "num_warps": 4, "programs": 264}  # programs: aim for about 2 per SM (H100: 132 SMs)
-INTERPRET_CONFIG = {"BS": 16, "num_warps": 4, "programs": 8}
+# programs: about 2 per SM (H100: 132 SMs). benchmarks/bench_decode_attention.py at 64 rows, H200, 5 interleaved
+# timings: the branch-free loop pipelined 2 deep takes 0.71x the branching one's time at Qwen3-VL-8B's shape
+# (48.3 vs 67.6 µs a layer), 0.90x at Qwen2.5-VL-3B's (21.4 vs 23.8); no other tile did better on both
+CONFIG = {"BS": 64, "num_warps": 4, "programs": 264, "skip": False, "stages": 2}
+INTERPRET_CONFIG = {"BS": 16, "num_warps": 4, "programs": 8, "skip": True, "stages": 1}
 
 
 def decode_attention(q, k, v, mask):
@@ -56,17 +60,20 @@ def _decode_attention_triton(q, k, v, mask):
     NS = triton.cdiv(blocks, per_split)
     q = q.contiguous().to(k.dtype)
     mask = mask.view(N, S).contiguous()
-    part = torch.empty(N, K, NS, G, Dh, dtype=torch.float32, device=q.device)  # each range's normalised output
-    lse = torch.empty(N, K, NS, G, dtype=torch.float32, device=q.device)  # and its log2-sum-exp2
-    _split_kernel[(N * K, NS)](
-        q, k, v, mask, part, lse, S, k.stride(0), k.stride(1), k.stride(2), Dh**-0.5 * math.log2(math.e),
-        K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh, BS=BS, PER_SPLIT=per_split, NS=NS,
-        F32=k.dtype == torch.float32 or not q.is_cuda, num_warps=cfg["num_warps"])
     out = torch.empty(N, H, 1, Dh, dtype=v.dtype, device=q.device)
-    # PDL passed although it is the default: inductor (torch 2.11), launching this kernel inside a compiled step,
-    # counted the defaulted constexpr as a launch argument and failed ("missing ... '_grid_2'", H200, session 8)
-    _merge_kernel[(N * H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), PDL=False,
-                            num_warps=4)
+    # each range's normalised output and its log2-sum-exp2; one range (many rows) writes `out` itself
+    part = torch.empty(N, K, NS, G, Dh, dtype=torch.float32, device=q.device) if NS > 1 else out
+    lse = torch.empty(N, K, NS, G, dtype=torch.float32, device=q.device) if NS > 1 else out
+    _split_kernel[(N * K, NS)](
+        q, k, v, mask, part, lse, out, S, k.stride(0), k.stride(1), k.stride(2), Dh**-0.5 * math.log2(math.e),
+        K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh, BS=BS, PER_SPLIT=per_split, NS=NS,
+        F32=k.dtype == torch.float32 or not q.is_cuda, SKIP=cfg["skip"], STAGES=cfg["stages"],
+        num_warps=cfg["num_warps"])
+    if NS > 1:
+        # PDL passed although it is the default: inductor (torch 2.11), launching this kernel inside a compiled
+        # step, counted the defaulted constexpr as a launch argument and failed ("missing ... '_grid_2'", H200)
+        _merge_kernel[(N * H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), PDL=False,
+                                num_warps=4)
     return out
 
 
@@ -75,43 +82,52 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr, S, s_n, s_k, s_s, qk_scale,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr, out_ptr, S, s_n, s_k, s_s, qk_scale,
                       K: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
-                      PER_SPLIT: tl.constexpr, NS: tl.constexpr, F32: tl.constexpr):
+                      PER_SPLIT: tl.constexpr, NS: tl.constexpr, F32: tl.constexpr, SKIP: tl.constexpr,
+                      STAGES: tl.constexpr):
+        """q's G heads of one key/value head over the PER_SPLIT blocks of slots of one range: that range's
+        normalised output and log2-sum-exp2 at partial row (row, kv head, range); with one range, the output."""
         nk, split = tl.program_id(0), tl.program_id(1)
         n, kh = nk // K, nk % K
         rg, rd = tl.arange(0, GP), tl.arange(0, DH)
         # the G query heads of key/value head kh: q is (N, K*G, 1, DH) contiguous
         q = tl.load(q_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], mask=(rg < G)[:, None], other=0.0)  # (GP, DH)
         kv = n.to(tl.int64) * s_n + kh * s_k
-        _attend_range(q, k_ptr, v_ptr, mask_ptr + n * S, kv, split * PER_SPLIT * BS, S, s_s, qk_scale,
-                      part_ptr, lse_ptr, nk * NS + split, G, GP, DH, BS, PER_SPLIT, F32)
-
-    @triton.jit
-    def _attend_range(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, part_ptr, lse_ptr, row,
-                      G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, PER_SPLIT: tl.constexpr,
-                      F32: tl.constexpr):
-        """q (GP, DH) over the PER_SPLIT blocks of slots from `first` of one key/value head (at k_ptr + kv, slot
-        stride s_s; mask_ptr: that row's (S,) mask) -> the range's normalised output and log2-sum-exp2, stored
-        at partial row `row`."""
         m_i = tl.zeros([GP], tl.float32) - float("inf")  # running max of the base-2 scores
         l_i = tl.zeros([GP], tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([GP, DH], tl.float32)
-        m_i, l_i, acc = _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, m_i, l_i, acc,
-                                       0, PER_SPLIT, DH, BS, F32)
-        _store_range(acc, l_i, m_i, part_ptr, lse_ptr, row, G, GP, DH)
+        m_i, l_i, acc = _attend_blocks(q, k_ptr, v_ptr, mask_ptr + n * S, kv, split * PER_SPLIT * BS, S, s_s,
+                                       qk_scale, m_i, l_i, acc, 0, PER_SPLIT, DH, BS, F32, SKIP, STAGES)
+        if NS == 1:  # no merge: out (N, H, 1, DH) in v's dtype; a row with no readable slot gets 0
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=(rg < G)[:, None])
+        else:
+            _store_range(acc, l_i, m_i, part_ptr, lse_ptr, nk * NS + split, G, GP, DH)
 
     @triton.jit
     def _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, m_i, l_i, acc,
                        START: tl.constexpr, PER_SPLIT: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
-                       F32: tl.constexpr):
+                       F32: tl.constexpr, SKIP: tl.constexpr, STAGES: tl.constexpr):
         """The online softmax (m_i, l_i, acc) carried over blocks START..PER_SPLIT-1 of the range. Also
-        kernels/decode_layer.py's attention, which does block 0 itself."""
+        kernels/decode_layer.py's attention, which does block 0 itself. SKIP: a block nobody may read is
+        branched over; else every block is loaded under its mask (a dead slot fetches no bytes either) in a
+        loop without branches, which Triton can pipeline STAGES deep."""
         rd, rs = tl.arange(0, DH), tl.arange(0, BS)
-        for b in range(START, PER_SPLIT):
-            slots = first + b * BS + rs  # (BS,)
-            live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
-            if tl.max(live.to(tl.int32), axis=0) > 0:  # skip blocks nobody may read: no k/v bytes for them
+        if SKIP:
+            for b in range(START, PER_SPLIT):
+                slots = first + b * BS + rs  # (BS,)
+                live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
+                if tl.max(live.to(tl.int32), axis=0) > 0:  # skip blocks nobody may read: no k/v bytes for them
+                    offs = kv + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
+                    k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)
+                    v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
+                    m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
+        else:
+            for b in tl.range(START, PER_SPLIT, num_stages=STAGES):
+                slots = first + b * BS + rs  # (BS,)
+                live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
                 offs = kv + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
                 k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)
                 v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
@@ -120,16 +136,18 @@ if triton_available():
 
     @triton.jit
     def _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
-        """One block of slots, k and v (BS, DH), into the online softmax of q (GP, DH); live (BS,) has a True."""
+        """One block of slots, k and v (BS, DH), into the online softmax of q (GP, DH); live (BS,) says which
+        slots count (all False: nothing changes)."""
         if F32:  # float32 caches; and the CPU interpreter, whose bf16 dot is wrong (triton 3.9)
             scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))  # (GP, BS), float32 accumulation
         scores = (scores * qk_scale).to(tl.float32)  # (inductor passes a float argument as fp64)
         scores = tl.where(live[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the block has a live slot
-        p = tl.exp2(scores - m_new[:, None])  # (GP, BS), 0 on dead slots
-        alpha = tl.exp2(m_i - m_new)  # 0 on the first live block (m_i = -inf)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # -inf while no live slot was seen
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # then p and alpha are 0, not NaN
+        p = tl.exp2(scores - m_sub[:, None])  # (GP, BS), 0 on dead slots
+        alpha = tl.exp2(m_i - m_sub)  # 0 on the first live block (m_i = -inf)
         p_v = p.to(v.dtype)  # rounded to the cache dtype for the dot, as flash attention does
         if F32:
             pv = tl.dot(p_v.to(tl.float32), v.to(tl.float32), input_precision="ieee")

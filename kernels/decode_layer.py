@@ -438,13 +438,13 @@ if triton_available():
             is_new = (slots == slot)[:, None]  # (BS, 1): the slot's row of the block read before the wait
             k = tl.where(is_new, tl.sum(k_new.to(tl.float32), axis=0).to(k.dtype)[None, :], k)  # rows 1.. are 0
             v = tl.where(is_new, v_new[None, :], v)
-        m_i = tl.zeros([GP], tl.float32) - float("inf")  # the online softmax of decode_attention._attend_range
+        m_i = tl.zeros([GP], tl.float32) - float("inf")  # the online softmax of decode_attention._split_kernel
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DH], tl.float32)
         if tl.max(live.to(tl.int32), axis=0) > 0:
             m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
         m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr, kv, first, S, DH, qk_scale, m_i, l_i, acc,
-                                       1, PER_SPLIT, DH, BS, F32)
+                                       1, PER_SPLIT, DH, BS, F32, True, 1)
         _store_range(acc, l_i, m_i, part_ptr, lse_ptr, kh * NS + split, G, GP, DH)
 
     @triton.jit

@@ -24,14 +24,19 @@ def decode_mask(N, S, slot, pad, gen):
 
 
 # (N, H, K, S, slot, left padding per row): G = 1, 2, 3 (padded to 16), 8; S not a multiple of the block;
-# a row whose padding covers whole blocks; a single readable slot; a full cache
+# a row whose padding covers whole blocks; a single readable slot; a full cache; N * K >= the interpreter's
+# 8 programs: one range each, written without the merge
 CASES = [(1, 4, 2, 37, 20, [0]), (2, 8, 2, 70, 69, [0, 33]), (3, 6, 2, 50, 5, [0, 5, 2]),
-         (1, 8, 1, 100, 64, [40]), (2, 2, 2, 16, 0, [0, 0]), (2, 4, 4, 33, 32, [1, 0])]
+         (1, 8, 1, 100, 64, [40]), (2, 2, 2, 16, 0, [0, 0]), (2, 4, 4, 33, 32, [1, 0]),
+         (4, 8, 2, 70, 50, [0, 17, 33, 3])]
 
 
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "masked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_float64(case, dtype, triton_cpu):
+def test_matches_float64(case, dtype, skip, triton_cpu, monkeypatch):
+    """Both block loops: dead blocks branched over, or loaded under their all-False mask."""
+    monkeypatch.setitem(da.INTERPRET_CONFIG, "skip", skip)
     N, H, K, S, slot, pad = case
     gen = torch.Generator().manual_seed(CASES.index(case))
     Dh = 16

@@ -50,17 +50,18 @@ def main():
     ap.add_argument("--programs", nargs="+", type=int, default=[264, 528, 1056, 2112])
     ap.add_argument("--bs", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
-    ap.add_argument("--loops", nargs="+", default=["skip", "pipe2", "pipe3"],
-                    help="skip: branch over dead blocks; pipeN: no branch, pipelined N stages")
+    ap.add_argument("--loops", nargs="+", default=["skip", "scan2", "scan3"],
+                    help="skip: branch over dead blocks; scanN: no branch, pipelined N stages, over the blocks from "
+                         "the first readable to the last")
     ap.add_argument("--settings", nargs="+", default=[],
-                    help="PROGRAMS,BS,WARPS,LOOP each (e.g. 264,64,4,pipe2): these instead of the grid above")
+                    help="PROGRAMS,BS,WARPS,LOOP each (e.g. 264,32,4,scan3): these instead of the grid above")
     ap.add_argument("--repeat", type=int, default=1, help="time the settings this many times, interleaved: medians")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one setting, the interpreter on a CPU")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
         args.rows, args.prompt, args.new, args.layers = 2, 20, 16, 1
-        args.programs, args.bs, args.warps, args.loops = [8], [16], [4], ["skip", "pipe2"]
+        args.programs, args.bs, args.warps, args.loops = [8], [16], [4], ["skip", "scan2"]
     dev = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     bandwidth = copy_bandwidth(device)
     print(f"# bench_decode_attention: {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, copy "

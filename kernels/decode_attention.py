@@ -9,8 +9,9 @@ SDPA runs N*K thread blocks (2 at Qwen2.5-VL-3B) that each walk all S slots; the
 (minivl.text.decode_attention) becomes three inductor kernels; both read the cache's unwritten tail too.
 Here the slots are cut into NSPLIT ranges and one program takes (row, key/value head, range), with all G = H/K
 query heads of that key/value head in one tile (padded to 16 rows for the tensor-core dot). A block of slots whose
-mask is all False (the static cache's tail not written yet, or left padding) reads no k or v bytes (its loads are
-masked off, or, with CONFIG["skip"], the block is branched over), so a step reads only the written slots. Each program keeps an online softmax over its range and writes its
+mask is all False (the static cache's tail not written yet, or left padding) reads no k or v bytes: the loop runs
+from a range's first readable block to its last (or, with CONFIG["skip"], branches over dead blocks), so a step
+reads only the written slots. Each program keeps an online softmax over its range and writes its
 partial output and log-sum-exp; `_merge_kernel` weights the ranges by their log-sum-exps (one program per head).
 With rows enough to fill the GPU there is one range per (row, key/value head), and no merge.
 
@@ -29,11 +30,12 @@ import torch
 from kernels import triton_available, use_triton
 from minivl.text import decode_attention as decode_attention_reference  # the same attention, in plain PyTorch
 
-# programs: about 2 per SM (H100: 132 SMs). benchmarks/bench_decode_attention.py at 64 rows, H200, 5 interleaved
-# timings: the branch-free loop pipelined 2 deep takes 0.71x the branching one's time at Qwen3-VL-8B's shape
-# (48.3 vs 67.6 µs a layer), 0.90x at Qwen2.5-VL-3B's (21.4 vs 23.8); no other tile did better on both
-CONFIG = {"BS": 64, "num_warps": 4, "programs": 264, "skip": False, "stages": 2}
-INTERPRET_CONFIG = {"BS": 16, "num_warps": 4, "programs": 8, "skip": True, "stages": 1}
+# programs: about 2 per SM (H100: 132 SMs). benchmarks/bench_decode_attention.py at 64 rows, H200, medians of 5
+# interleaved timings, µs a layer at Qwen3-VL-8B's / Qwen2.5-VL-3B's shape: blocks of 64 branched over when dead
+# 67.6 / 23.8; the branch-free loop over all blocks, 2 stages, 48.3 / 21.4; that loop from the first readable block
+# to the last only, 2 stages 38.7 / 19.7, with blocks of 32 and 3 stages 37.8 / 18.8 (SDPA: 62.8 / 24.6)
+CONFIG = {"BS": 32, "num_warps": 4, "programs": 264, "skip": False, "stages": 3, "scan": 1024}
+INTERPRET_CONFIG = {"BS": 16, "num_warps": 4, "programs": 8, "skip": True, "stages": 1, "scan": 32}
 
 
 def decode_attention(q, k, v, mask):
@@ -67,7 +69,7 @@ def _decode_attention_triton(q, k, v, mask):
     _split_kernel[(N * K, NS)](
         q, k, v, mask, part, lse, out, S, k.stride(0), k.stride(1), k.stride(2), Dh**-0.5 * math.log2(math.e),
         K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh, BS=BS, PER_SPLIT=per_split, NS=NS,
-        F32=k.dtype == torch.float32 or not q.is_cuda, SKIP=cfg["skip"], STAGES=cfg["stages"],
+        F32=k.dtype == torch.float32 or not q.is_cuda, SKIP=cfg["skip"], STAGES=cfg["stages"], SCAN=cfg["scan"],
         num_warps=cfg["num_warps"])
     if NS > 1:
         # PDL passed although it is the default: inductor (torch 2.11), launching this kernel inside a compiled
@@ -85,7 +87,7 @@ if triton_available():
     def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr, out_ptr, S, s_n, s_k, s_s, qk_scale,
                       K: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
                       PER_SPLIT: tl.constexpr, NS: tl.constexpr, F32: tl.constexpr, SKIP: tl.constexpr,
-                      STAGES: tl.constexpr):
+                      STAGES: tl.constexpr, SCAN: tl.constexpr):
         """q's G heads of one key/value head over the PER_SPLIT blocks of slots of one range: that range's
         normalised output and log2-sum-exp2 at partial row (row, kv head, range); with one range, the output."""
         nk, split = tl.program_id(0), tl.program_id(1)
@@ -98,7 +100,7 @@ if triton_available():
         l_i = tl.zeros([GP], tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([GP, DH], tl.float32)
         m_i, l_i, acc = _attend_blocks(q, k_ptr, v_ptr, mask_ptr + n * S, kv, split * PER_SPLIT * BS, S, s_s,
-                                       qk_scale, m_i, l_i, acc, 0, PER_SPLIT, DH, BS, F32, SKIP, STAGES)
+                                       qk_scale, m_i, l_i, acc, 0, PER_SPLIT, DH, BS, F32, SKIP, STAGES, SCAN)
         if NS == 1:  # no merge: out (N, H, 1, DH) in v's dtype; a row with no readable slot gets 0
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(out_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], out.to(out_ptr.dtype.element_ty),
@@ -109,11 +111,12 @@ if triton_available():
     @triton.jit
     def _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, m_i, l_i, acc,
                        START: tl.constexpr, PER_SPLIT: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
-                       F32: tl.constexpr, SKIP: tl.constexpr, STAGES: tl.constexpr):
+                       F32: tl.constexpr, SKIP: tl.constexpr, STAGES: tl.constexpr, SCAN: tl.constexpr):
         """The online softmax (m_i, l_i, acc) carried over blocks START..PER_SPLIT-1 of the range. Also
         kernels/decode_layer.py's attention, which does block 0 itself. SKIP: a block nobody may read is
-        branched over; else every block is loaded under its mask (a dead slot fetches no bytes either) in a
-        loop without branches, which Triton can pipeline STAGES deep."""
+        branched over. Else the loop has no branch, so Triton pipelines it STAGES deep, and runs from the
+        range's first readable block to its last, found by reading the mask SCAN slots at a time (a dead slot
+        between them is loaded under its mask: no bytes)."""
         rd, rs = tl.arange(0, DH), tl.arange(0, BS)
         if SKIP:
             for b in range(START, PER_SPLIT):
@@ -125,7 +128,8 @@ if triton_available():
                     v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
                     m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
         else:
-            for b in tl.range(START, PER_SPLIT, num_stages=STAGES):
+            lo, hi = _readable_blocks(mask_ptr, first, S, START, PER_SPLIT, BS, SCAN)
+            for b in tl.range(lo, hi, num_stages=STAGES):
                 slots = first + b * BS + rs  # (BS,)
                 live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
                 offs = kv + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
@@ -135,19 +139,34 @@ if triton_available():
         return m_i, l_i, acc
 
     @triton.jit
+    def _readable_blocks(mask_ptr, first, S, START: tl.constexpr, PER_SPLIT: tl.constexpr, BS: tl.constexpr,
+                         SCAN: tl.constexpr):
+        """(lo, hi): blocks lo..hi-1 of the range's START..PER_SPLIT-1 hold all its readable slots; hi <= lo when
+        it has none."""
+        rc = tl.arange(0, SCAN)
+        lo = tl.full([], PER_SPLIT * BS, tl.int32)  # first readable slot, from `first`
+        hi = tl.full([], 0, tl.int32)  # one past the last
+        for c in range(START * BS, PER_SPLIT * BS, SCAN):
+            offs = c + rc  # (SCAN,)
+            live = tl.load(mask_ptr + first + offs, mask=(offs < PER_SPLIT * BS) & (first + offs < S),
+                           other=0).to(tl.int1)
+            lo = tl.minimum(lo, tl.min(tl.where(live, offs, PER_SPLIT * BS), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(live, offs + 1, 0), axis=0))
+        return lo // BS, (hi + BS - 1) // BS
+
+    @triton.jit
     def _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
         """One block of slots, k and v (BS, DH), into the online softmax of q (GP, DH); live (BS,) says which
-        slots count (all False: nothing changes)."""
+        slots count. A block with none comes only after one with some (m_i finite)."""
         if F32:  # float32 caches; and the CPU interpreter, whose bf16 dot is wrong (triton 3.9)
             scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))  # (GP, BS), float32 accumulation
         scores = (scores * qk_scale).to(tl.float32)  # (inductor passes a float argument as fp64)
         scores = tl.where(live[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # -inf while no live slot was seen
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # then p and alpha are 0, not NaN
-        p = tl.exp2(scores - m_sub[:, None])  # (GP, BS), 0 on dead slots
-        alpha = tl.exp2(m_i - m_sub)  # 0 on the first live block (m_i = -inf)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: this block or an earlier one has a live slot
+        p = tl.exp2(scores - m_new[:, None])  # (GP, BS), 0 on dead slots
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first live block (m_i = -inf)
         p_v = p.to(v.dtype)  # rounded to the cache dtype for the dot, as flash attention does
         if F32:
             pv = tl.dot(p_v.to(tl.float32), v.to(tl.float32), input_precision="ieee")
@@ -180,8 +199,10 @@ if triton_available():
         nk, g = nh // G, nh % G
         rs, rd = tl.arange(0, NSP), tl.arange(0, DH)
         lse = tl.load(lse_ptr + (nk * NS + rs) * G + g, mask=rs < NS, other=float("-inf"))  # (NSP,)
-        w = tl.exp2(lse - tl.max(lse, axis=0))  # (NSP,): each range's share of the softmax mass, unnormalised
+        top = tl.max(lse, axis=0)
+        w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # (NSP,): each range's share, unnormalised
         part = tl.load(part_ptr + ((nk * NS + rs) * G + g)[:, None] * DH + rd[None, :], mask=(rs < NS)[:, None],
                        other=0.0)  # (NSP, DH)
-        out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+        total = tl.sum(w, axis=0)
+        out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)  # no readable slot at all: 0
         tl.store(out_ptr + nh * DH + rd, out.to(out_ptr.dtype.element_ty))

@@ -69,8 +69,8 @@ class DecodeOptions:
     attention: str = "auto"  # "sdpa"; "math": text.decode_attention, the T = 1 attention written out for
     # inductor; "triton": kernels/decode_attention.py, split-KV over the written slots only (CUDA, or the CPU under
     # TRITON_INTERPRET=1); "auto": math for a single row (3.36 vs 3.65 ms); for more, triton on CUDA when Triton
-    # imports (64 rows, 512 new tokens, H200: a step 0.94x SDPA's at 3B, 0.93x at 8B; SDPA reads the unwritten
-    # cache too), else SDPA (64 rows: 4.92 vs 9.15 ms for math)
+    # imports (64 rows, the cache half written, H200: 0.76x SDPA's time a layer at 3B, 0.60x at 8B; SDPA reads the
+    # unwritten cache too), else SDPA (64 rows: 4.92 vs 9.15 ms for math)
     fuse: tuple = ("qkv", "gate_up")  # projections the compiled step reads as one matmul each (fuse_weights)
     coordinate_descent: bool = True  # inductor's coordinate_descent_tuning (gpt-fast): one-row matmuls become
     # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm); compiles ~25 s

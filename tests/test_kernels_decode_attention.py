@@ -31,11 +31,12 @@ CASES = [(1, 4, 2, 37, 20, [0]), (2, 8, 2, 70, 69, [0, 33]), (3, 6, 2, 50, 5, [0
          (4, 8, 2, 70, 50, [0, 17, 33, 3])]
 
 
-@pytest.mark.parametrize("skip", [True, False], ids=["skip", "masked"])
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "bounded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
 def test_matches_float64(case, dtype, skip, triton_cpu, monkeypatch):
-    """Both block loops: dead blocks branched over, or loaded under their all-False mask."""
+    """Both block loops: dead blocks branched over, or outside the bounds a scan of the mask found (32 slots at a
+    time in the interpreter: ranges of several scans)."""
     monkeypatch.setitem(da.INTERPRET_CONFIG, "skip", skip)
     N, H, K, S, slot, pad = case
     gen = torch.Generator().manual_seed(CASES.index(case))
@@ -68,6 +69,27 @@ def test_several_ranges_are_merged(triton_cpu):
     assert -(-S // cfg["BS"]) > 1 and N * K < cfg["programs"]  # so the slots are cut into several ranges
     torch.testing.assert_close(da.decode_attention(q, k, v, mask).double(), reference64(q, k, v, mask),
                                atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N", [3, 4], ids=["merged", "one-range"])  # N * K below / at the interpreter's 8 programs
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "bounded"])
+def test_mask_with_holes(skip, N, triton_cpu, monkeypatch):
+    """Any bool mask, not only the sampler's one readable stretch per row: whole dead blocks between live ones, a
+    row whose only live slot is the last, a row with none (its output is 0)."""
+    monkeypatch.setitem(da.INTERPRET_CONFIG, "skip", skip)
+    H, K, S, Dh = 4, 2, 90, 16
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(N, H, 1, Dh, generator=gen), torch.randn(N, K, S, Dh, generator=gen),
+               torch.randn(N, K, S, Dh, generator=gen))
+    mask = torch.rand(N, 1, 1, S, generator=gen) < 0.3
+    mask[0, ..., 20:60] = False  # 16-slot blocks with nothing readable, between readable ones
+    mask[1], mask[2] = False, False
+    mask[1, ..., S - 1] = True
+    got = da.decode_attention(q, k, v, mask)
+    want = reference64(q, k, v, mask)
+    torch.testing.assert_close(got[:2].double(), want[:2], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3:].double(), want[3:], atol=2e-5, rtol=1e-5)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
 def test_reference_twin_and_bad_shapes(triton_cpu, monkeypatch):

@@ -283,10 +283,10 @@ build(dl._greedy_record_kernel, dict(max_ptr="*fp32", at_ptr="*i32", eos_ptr="*i
 import kernels.decode_attention as da
 build(da._merge_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr=bf), {},
       dict(H=16, G=8, DH=128, NS=9, NSP=16, PDL=True))
-for skip, stages, ns in ((True, 1, 9), (False, 3, 9), (True, 1, 1), (False, 2, 1)):
+for skip, stages, ns in ((True, 1, 9), (False, 3, 9), (True, 1, 1), (False, 3, 1)):
     build(da._split_kernel, dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32",
           out_ptr=bf), dict(S="i32", s_n="i32", s_k="i32", s_s="i32", qk_scale="fp32"),
-          dict(K=2, G=8, GP=16, DH=128, BS=64, PER_SPLIT=4, NS=ns, F32=False, SKIP=skip, STAGES=stages))
+          dict(K=2, G=8, GP=16, DH=128, BS=64, PER_SPLIT=4, NS=ns, F32=False, SKIP=skip, STAGES=stages, SCAN=1024))
 print("compiled")
 """
 

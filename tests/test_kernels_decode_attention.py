@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import import_interpreted
+from helpers import fresh_generator, import_interpreted
 
 # first: Triton's own helpers (tl.zeros...) must also be decorated under TRITON_INTERPRET=1 when triton is imported
 da = import_interpreted("kernels.decode_attention", "_split_kernel")
@@ -39,7 +39,7 @@ def test_matches_float64(case, dtype, skip, triton_cpu, monkeypatch):
     time in the interpreter: ranges of several scans)."""
     monkeypatch.setitem(da.INTERPRET_CONFIG, "skip", skip)
     N, H, K, S, slot, pad = case
-    gen = torch.Generator().manual_seed(CASES.index(case))
+    gen, seed = fresh_generator()
     Dh = 16
     q = torch.randn(N, H, 1, Dh, generator=gen).to(dtype)
     k = torch.randn(N, K, S, Dh, generator=gen).mul(2).to(dtype)  # larger scores: a peaked softmax
@@ -54,7 +54,7 @@ def test_matches_float64(case, dtype, skip, triton_cpu, monkeypatch):
     # float32: IEEE dots, errors ~1e-6. bf16: the output is rounded to bf16 (2^-9 relative) and p to bf16 in
     # the p.v dot (2^-9 relative per term); |out| <= ~3, so 2e-2 absolute covers both with margin.
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
-    torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{m}\nseed {seed}")
 
 
 def test_several_ranges_are_merged(triton_cpu):
@@ -78,7 +78,7 @@ def test_mask_with_holes(skip, N, triton_cpu, monkeypatch):
     row whose only live slot is the last, a row with none (its output is 0)."""
     monkeypatch.setitem(da.INTERPRET_CONFIG, "skip", skip)
     H, K, S, Dh = 4, 2, 90, 16
-    gen = torch.Generator().manual_seed(11)
+    gen, seed = fresh_generator()
     q, k, v = (torch.randn(N, H, 1, Dh, generator=gen), torch.randn(N, K, S, Dh, generator=gen),
                torch.randn(N, K, S, Dh, generator=gen))
     mask = torch.rand(N, 1, 1, S, generator=gen) < 0.3
@@ -87,9 +87,10 @@ def test_mask_with_holes(skip, N, triton_cpu, monkeypatch):
     mask[1, ..., S - 1] = True
     got = da.decode_attention(q, k, v, mask)
     want = reference64(q, k, v, mask)
-    torch.testing.assert_close(got[:2].double(), want[:2], atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(got[3:].double(), want[3:], atol=2e-5, rtol=1e-5)
-    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    say = lambda m: f"{m}\nseed {seed}"  # noqa: E731
+    torch.testing.assert_close(got[:2].double(), want[:2], atol=2e-5, rtol=1e-5, msg=say)
+    torch.testing.assert_close(got[3:].double(), want[3:], atol=2e-5, rtol=1e-5, msg=say)
+    assert torch.equal(got[2], torch.zeros_like(got[2])), seed
 
 
 def test_reference_twin_and_bad_shapes(triton_cpu, monkeypatch):

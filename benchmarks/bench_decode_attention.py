@@ -7,8 +7,8 @@ setting, against SDPA over the whole static cache and the bytes the written slot
 The shape is the middle step of a GRPO-like rollout (bench_sampler.py's b=64): 64 rows, a static cache of
 prompt + 512 slots with prompt + 256 written, rows left-padded by 0-15 slots. A step reads every decoder layer's
 cache once, so the timed call walks --layers distinct caches (more bytes than L2 holds) inside one CUDA graph.
-Columns: µs per layer (median of --repeat interleaved timings); GB/s of written k/v bytes read; that as a share of the copy bandwidth (read + write) of
-bench_sampler.copy_bandwidth; the largest difference from SDPA's output.
+Columns: µs per layer (median of --repeat interleaved timings); GB/s of written k/v bytes read; that as a share of
+the copy bandwidth (read + write) of bench_sampler.copy_bandwidth; the largest difference from SDPA's output.
 """
 
 import argparse

@@ -40,6 +40,21 @@ def caches(layers, N, K, S, Dh, prompt, written, device):
     return kv, mask.view(N, 1, 1, S)
 
 
+def loop_kind(text):
+    """"skip" or "scanN" (N pipeline stages), for argparse."""
+    if text != "skip" and not (text.startswith("scan") and text[4:].isdigit() and int(text[4:]) > 0):
+        raise argparse.ArgumentTypeError(f"loop {text!r}: want skip or scanN, N a number of stages (scan3)")
+    return text
+
+
+def setting(text):
+    """PROGRAMS,BS,WARPS,LOOP -> (int, int, int, loop), for argparse."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+        raise argparse.ArgumentTypeError(f"setting {text!r}: want PROGRAMS,BS,WARPS,LOOP (264,32,4,scan3)")
+    return int(parts[0]), int(parts[1]), int(parts[2]), loop_kind(parts[3])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=["qwen2_5_vl_3b", "qwen3_vl_8b"])
@@ -50,10 +65,10 @@ def main():
     ap.add_argument("--programs", nargs="+", type=int, default=[264, 528, 1056, 2112])
     ap.add_argument("--bs", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
-    ap.add_argument("--loops", nargs="+", default=["skip", "scan2", "scan3"],
+    ap.add_argument("--loops", nargs="+", type=loop_kind, default=["skip", "scan2", "scan3"],
                     help="skip: branch over dead blocks; scanN: no branch, pipelined N stages, over the blocks from "
                          "the first readable to the last")
-    ap.add_argument("--settings", nargs="+", default=[],
+    ap.add_argument("--settings", nargs="+", type=setting, default=[],
                     help="PROGRAMS,BS,WARPS,LOOP each (e.g. 264,32,4,scan3): these instead of the grid above")
     ap.add_argument("--repeat", type=int, default=1, help="time the settings this many times, interleaved: medians")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one setting, the interpreter on a CPU")
@@ -88,36 +103,35 @@ def main():
         print(f"SDPA (whole cache): {sdpa_us:.1f} µs per layer")
         print("| programs | BS | warps | loop | µs/layer | GB/s | % copy | vs SDPA | max diff |")
         print("|---|---|---|---|---|---|---|---|---|")
-        settings = [tuple(x.split(",")) for x in args.settings] or list(
-            itertools.product(args.programs, args.bs, args.warps, args.loops))
+        settings = args.settings or list(itertools.product(args.programs, args.bs, args.warps, args.loops))
         times, diffs = {}, {}
         for _ in range(args.repeat):
-            for setting in settings:
-                if setting in diffs and diffs[setting] is None:
+            for one in settings:
+                if one in diffs and diffs[one] is None:
                     continue  # failed before
-                programs, bs, warps, loop = int(setting[0]), int(setting[1]), int(setting[2]), setting[3]
+                programs, bs, warps, loop = one
                 cfg = getattr(split_kv, config_name)
                 saved = dict(cfg)
                 cfg.update(programs=programs, BS=bs, num_warps=warps, skip=loop == "skip",
                            stages=1 if loop == "skip" else int(loop[4:]))
                 try:
                     got = split_kv.decode_attention(q, kv[0][0], kv[0][1], mask)
-                    diffs[setting] = (got.float() - want.float()).abs().max().item()
+                    diffs[one] = (got.float() - want.float()).abs().max().item()
                     us = timer(lambda: [split_kv.decode_attention(q, k, v, mask) for k, v in kv]) * 1e3 / args.layers
-                    times.setdefault(setting, []).append(us)
+                    times.setdefault(one, []).append(us)
                 except Exception as e:  # a setting that does not compile (shared memory, registers): say so, go on
                     print(f"| {programs} | {bs} | {warps} | {loop} | failed: {type(e).__name__}: {str(e)[:80]} |")
-                    diffs[setting] = None
+                    diffs[one] = None
                 finally:
                     cfg.clear()
                     cfg.update(saved)
         results = []
-        for setting, ts in times.items():
+        for one, ts in times.items():
             us = statistics.median(ts)
             gbs = live_bytes / us / 1e3 if us else 0.0
-            results.append((us, *setting))
-            print(f"| {' | '.join(map(str, setting))} | {us:.1f} | {gbs:.0f} | {100 * gbs * 1e9 / bandwidth:.0f} | "
-                  f"{us / sdpa_us if us else 0:.2f}x | {diffs[setting]:.1e} |", flush=True)
+            results.append((us, *one))
+            print(f"| {' | '.join(map(str, one))} | {us:.1f} | {gbs:.0f} | {100 * gbs * 1e9 / bandwidth:.0f} | "
+                  f"{us / sdpa_us if us else 0:.2f}x | {diffs[one]:.1e} |", flush=True)
         if device == "cuda" and results:
             best = min(results)
             print(f"fastest: programs {best[1]}, BS {best[2]}, warps {best[3]}, {best[4]}: {best[0]:.1f} µs/layer "

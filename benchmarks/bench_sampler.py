@@ -256,8 +256,10 @@ def bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args):
         f"TTFT {ttft_hf * 1e3:.0f} ms, peak {peak_hf / 2**30:.2f} GiB; {new} tokens extrapolated: "
         f"{N * new / t_hf_full:.0f} tok/s")
     rows = []
-    for attention in args.attention_64:  # each a row, against the same transformers run
-        decode = dataclasses.replace(sampler.DECODE, attention=attention)
+    # each a row, against the same transformers run; the row kernels have their own attention
+    variants = [(layer, a) for layer in args.layer_64 for a in (["auto"] if layer == "kernels" else args.attention_64)]
+    for layer, attention in variants:
+        decode = dataclasses.replace(sampler.DECODE, attention=attention, layer=layer)
         sampler.forget_compiled()
         gen = lambda: minivl_generate(ours, batch, new, temperature=1.0, num_return_sequences=n, seed=0,  # noqa
                                       decode=decode)
@@ -267,11 +269,11 @@ def bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args):
                                                         decode=decode), device, 3)
         step, S = decode_time(ours, batch, n, new, 1.0, device, decode=decode)
         kv_full, kv_live = kv_bytes(cfg, N, S), kv_bytes(cfg, N, T0 + new / 2)
-        say(f"b={N} minivl (attention {attention}): {N * new / t_ours:.0f} tok/s (first call, compiling: "
+        say(f"b={N} minivl ({layer} layers, attention {attention}): {N * new / t_ours:.0f} tok/s (first call, compiling: "
             f"{t_first:.1f} s), decode {N / step:.0f} tok/s (step {step * 1e3:.2f} ms), TTFT {ttft * 1e3:.0f} ms, "
             f"peak {peak / 2**30:.2f} GiB; a step reads {weights / 1e9:.2f} GB weights + {kv_full / 1e9:.2f} GB "
             f"cache ({kv_live / 1e9:.2f} GB written so far, on average)")
-        label = name if attention == "auto" else f"{name} ({attention})"
+        label = name if (layer, attention) == ("kernels", "auto") else f"{name} ({layer}, {attention})"
         rows.append(dict(model=label, rows=N, prompt=T0, new=new, hf=N * new / t_hf_full, ours=N * new / t_ours,
                          decode=N / step, floor_weights=N * bandwidth / weights,
                          floor=N * bandwidth / (weights + kv_full), ttft_hf=ttft_hf, ttft=ttft, peak_hf=peak_hf,
@@ -335,7 +337,9 @@ def main():
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--runs", nargs="+", default=["b1", "b64"], choices=["b1", "b64"])
     ap.add_argument("--attention-64", nargs="+", default=["auto"], choices=["auto", "sdpa", "math", "triton"],
-                    help="b=64: DecodeOptions.attention of minivl's rows, a row each")
+                    help="b=64: DecodeOptions.attention of the compiled layer, a row each")
+    ap.add_argument("--layer-64", nargs="+", default=["kernels"], choices=["kernels", "compiled"],
+                    help="b=64: DecodeOptions.layer, a row each (kernels: the row kernels; compiled: per --attention-64)")
     ap.add_argument("--no-compile", action="store_true", help="capture the eager decode step (CUDA graph only)")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")

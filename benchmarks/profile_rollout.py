@@ -1,10 +1,11 @@
 """Where the time of a GRPO-like decode step goes: 64 rows (8 prompts x 8 answers, temperature 1) with the cache
 half written, as the middle step of a 512-token rollout, per kernel on the GPU.
 
-    python benchmarks/profile_rollout.py --configs qwen3_vl_8b --attention auto triton    # GPU
-    python benchmarks/profile_rollout.py --smoke                                          # anywhere: it runs
+    python benchmarks/profile_rollout.py --configs qwen3_vl_8b --layers kernels compiled    # GPU
+    python benchmarks/profile_rollout.py --smoke                                            # anywhere: it runs
 
-Per DecodeOptions.attention given: a fresh prefill, the step compiled and captured (sampler.cuda_graph_step),
+Per DecodeOptions.layer given ("compiled": per DecodeOptions.attention given; "kernels": the row kernels, which have
+their own attention): a fresh prefill, the step compiled and captured (sampler.cuda_graph_step),
 --tokens-64 // 2 steps run, then the median of --replays graph replays (CUDA events) and a torch.profiler table of
 the top kernels, against the floor of the bytes that step must read: the decoder weights and the cache written so
 far, or the whole static cache (what SDPA reads), at the copy bandwidth measured in the same run.
@@ -30,7 +31,9 @@ from minivl import sampler  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=["qwen3_vl_8b"])
-    ap.add_argument("--attention", nargs="+", default=["auto", "triton"], choices=["auto", "sdpa", "math", "triton"])
+    ap.add_argument("--layers", nargs="+", default=["kernels", "compiled"], choices=["kernels", "compiled"])
+    ap.add_argument("--attention", nargs="+", default=["triton"], choices=["auto", "sdpa", "math", "triton"],
+                    help="of the compiled layer")
     ap.add_argument("--programs", nargs="+", type=int, default=[0],
                     help="with attention triton: kernels/decode_attention.py's CONFIG['programs'] (0: as it is), a "
                          "variant each")
@@ -52,10 +55,12 @@ def main():
         cfg, model = build_model(name, device, args.smoke)
         batch = make_batch(cfg, args.prompts, device, torch.bfloat16, seed=2)
         N, T0, half = args.prompts * args.samples, batch["input_ids"].shape[1], args.tokens_64 // 2
-        variants = [(a, p) for a in args.attention for p in (args.programs if a == "triton" else [0])]
+        variants = [(layer, a, p) for layer in args.layers
+                    for a in (["triton"] if layer == "kernels" else args.attention)
+                    for p in (args.programs if a == "triton" else [0])]
         default_programs = split_kv.CONFIG["programs"]
-        for attention, programs in variants:
-            decode = dataclasses.replace(sampler.DECODE, attention=attention)
+        for layer, attention, programs in variants:
+            decode = dataclasses.replace(sampler.DECODE, attention=attention, layer=layer)
             split_kv.CONFIG["programs"] = programs or default_programs
             sampler.forget_compiled()
             with torch.no_grad():
@@ -68,8 +73,8 @@ def main():
             weights = decoder_bytes(model)
             live = (weights + kv_bytes(cfg, N, T0 + half)) / bandwidth * 1e3
             whole = (weights + kv_bytes(cfg, N, S)) / bandwidth * 1e3
-            label = f"{attention}, {split_kv.CONFIG['programs']} programs" if attention == "triton" else attention
-            print(f"\n## {name}, {N} rows, attention {label}: step {ms:.3f} ms at slot ~{T0 + half} of {S}; floor "
+            label = f"split-KV, {split_kv.CONFIG['programs']} programs" if attention == "triton" else attention
+            print(f"\n## {name}, {N} rows, {layer} layers, attention {label}: step {ms:.3f} ms at slot ~{T0 + half} of {S}; floor "
                   f"{live:.3f} ms with the written cache ({100 * live / ms:.0f}%), {whole:.3f} ms with the whole "
                   f"cache; graph built in {dec.build_s:.1f} s; copy {bandwidth / 1e12:.2f} TB/s")
             say_profile(rows, ms, args.top)

@@ -15,8 +15,10 @@ How it runs:
      S = prompt + max_new_tokens slots (rounded up to 16), allocated once.
   3. Decode: each step feeds every row's last token at slot s, position s + (the row's rope delta), and
      samples the next one. All state (cache, last token, slot, finished rows, outputs) lives in tensors updated
-     in place, so on CUDA the step is compiled (torch.compile fuses the small ops) and captured once as a CUDA
-     graph: a step is one graph replay, with no host work and no sync. The host only asks "all rows finished?"
+     in place, so on CUDA the step is captured once as a CUDA graph: a step is one graph replay, with no host
+     work and no sync. Its layers are hand-written Triton kernels (one row) or cuBLAS's products with Triton
+     kernels between them (several rows); what is left (the step's inputs, the sampling) is compiled by
+     torch.compile, which fuses the small ops. The host only asks "all rows finished?"
      every `check_every` steps. On the CPU the same step runs eagerly. How the step is built (SDPA or written-out
      attention, fused projections, inductor's tuning) is a DecodeOptions; benchmarks/profile_decode.py times each.
   4. Sampling without a host sync: Gumbel-max (argmax of log p + Gumbel noise, the exponential race of
@@ -63,9 +65,10 @@ class DecodeOptions:
     """How the decode step is built. Each is timed against the weight-bandwidth floor, with a per-kernel profile,
     by benchmarks/profile_decode.py (results: benchmarks/NOTES_sampler.md). The defaults are the fastest measured
     (H100, Qwen2.5-VL-3B / Qwen3-VL-8B shapes): at one row the kernel layers, 2.89 / 6.00 ms per step against 3.38 /
-    6.92 ms for the best compiled layer in the same process (session 1's step: 4.39 / 7.45 ms); at 64 rows (3B)
-    the compiled layer with fused weights, 4.92 ms against 7.16. fuse=() saves the compiled step's fused copies'
-    memory (3.4 / 8.4 GiB during a call of several rows)."""
+    6.92 ms for the best compiled layer in the same process (session 1's step: 4.39 / 7.45 ms); at 64 rows, the cache
+    half written, the row kernels, 3.38 / 6.39 ms against 3.69 / 6.60 ms for the compiled layer with fused weights
+    and the split-KV attention (H200, profile_rollout.py). fuse=() saves the fused copies' memory (3.4 / 8.4 GiB
+    during a call of several rows) but leaves a step of several rows to the compiled layer."""
     attention: str = "auto"  # "sdpa"; "math": text.decode_attention, the T = 1 attention written out for
     # inductor; "triton": kernels/decode_attention.py, split-KV over the written slots only (CUDA, or the CPU under
     # TRITON_INTERPRET=1); "auto": math for a single row (3.36 vs 3.65 ms); for more, triton on CUDA when Triton
@@ -76,7 +79,8 @@ class DecodeOptions:
     # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm); compiles ~25 s
     layer: str = "kernels"  # a step of one row on CUDA runs each plain decoder layer as the six hand-written
     # Triton launches of kernels/decode_layer.py (run_layer_kernels, with its own fused q/k/v weight whatever
-    # `fuse` says); "compiled": through run_layer and inductor, as every step of several rows does
+    # `fuse` says); a step of several rows as cuBLAS's products with kernels/decode_rows.py's launches between
+    # them (run_layer_rows, with both `fuse` groups); "compiled": through run_layer and inductor
 
     def __post_init__(self):
         if self.attention not in ("auto", "sdpa", "math", "triton") or not set(self.fuse) <= {"qkv", "gate_up"} \
@@ -87,6 +91,12 @@ class DecodeOptions:
         """Whether a step over rows `token` (N,) runs its plain layers as run_layer_kernels: one row, on CUDA (or
         on the CPU through Triton's interpreter when MINIVL_KERNELS=triton, for tests)."""
         return self.layer == "kernels" and token.shape[0] == 1 and (
+            token.is_cuda or os.environ.get("MINIVL_KERNELS") == "triton")
+
+    def row_kernels(self, token):
+        """Whether a step over rows `token` (N,) runs its plain layers as run_layer_rows: several rows, on CUDA (or
+        on the CPU through Triton's interpreter when MINIVL_KERNELS=triton, for tests)."""
+        return self.layer == "kernels" and token.shape[0] > 1 and (
             token.is_cuda or os.environ.get("MINIVL_KERNELS") == "triton")
 
     def attention_fn(self, token):
@@ -388,6 +398,28 @@ def run_layer_kernels(layer, x, cos, sin, mask, layer_cache, fused):
     return matvec_residual(act, mlp.down_proj.weight, x)
 
 
+def rows_can_run(layer, fused):
+    """Whether run_layer_rows can take this layer: fused q/k/v and gate/up weights (plain linear projections, a dense
+    MLP), a head dim the attention's dots take."""
+    head_dim = layer.self_attn.head_dim
+    return fused.qkv is not None and fused.gate_up is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def run_layer_rows(layer, x, delta, cos, sin, mask, layer_cache, fused):
+    """run_layer for several rows: cuBLAS's products with kernels/decode_rows.py's launches between them. x (N, 1, D)
+    is the residual stream without `delta`, the previous layer's MLP output (None at the first layer), which this
+    layer's first norm adds -> (x, delta) for the next layer."""
+    from kernels.decode_rows import add_norm, attend, silu_mul
+
+    attn, mlp, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+    x, h = add_norm(x, delta, norm.weight, norm.eps)
+    qkv = F.linear(h, fused.qkv, fused.qkv_bias)  # (N, 1, (H + 2K) * Dh)
+    qn, kn, eps = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
+    a = attend(qkv, cos, sin, qn, kn, eps, layer_cache.k, layer_cache.v, layer_cache.positions, mask)  # (N,H,1,Dh)
+    x, h = add_norm(x, attn.o_proj(a.view(x.shape[0], 1, -1)), post.weight, post.eps)
+    return x, mlp.down_proj(silu_mul(F.linear(h, fused.gate_up)))  # (N, 1, D) each
+
+
 def step_outputs(model, state, x, sampling):
     """Final norm, lm_head, sample; then move to the next slot."""
     step_sample(state, model.lm_head(model.model.language_model.norm(x)[:, 0]), sampling)
@@ -440,20 +472,29 @@ def decode_step(model, state, sampling, parts=PARTS):
     begin, layer_fn, end, sample = parts
     text = model.model.language_model
     attention_fn = state.decode.attention_fn(state.token)
-    kernel_layers = state.decode.kernel_layers(state.token)
-    if kernel_layers:
+    kernel_layers, row_kernels = state.decode.kernel_layers(state.token), state.decode.row_kernels(state.token)
+    if kernel_layers or row_kernels:
         import kernels  # imported when first used: Triton with it
         kernels.check_ours()
     if kernel_layers and state.rotary is not None:
         x, cos, sin, mask = step_inputs_kernel(text, state)
     else:
         x, cos, sin, mask = begin(text, state)
+    delta = None  # run_layer_rows leaves its MLP output to be added by the next norm
     for i, layer in enumerate(text.layers):
         if kernel_layers and kernels_can_run(layer, state.fused[i]):
             x = run_layer_kernels(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i])
+        elif row_kernels and rows_can_run(layer, state.fused[i]):
+            x, delta = run_layer_rows(layer, x, delta, cos, sin, mask, LayerCache(state.cache, i), state.fused[i])
         else:
+            x, delta = x if delta is None else x + delta, None
             x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i], attention_fn)
-    if kernel_layers and head_kernel_can_run(model):
+    if delta is not None:  # the final norm adds it
+        from kernels.decode_rows import add_norm
+
+        norm = text.norm
+        sample(state, model.lm_head(add_norm(x, delta, norm.weight, norm.eps)[1][:, 0]), sampling)
+    elif kernel_layers and head_kernel_can_run(model):
         logits = head_logits_kernel(model, x)  # (1, V)
         if sampling == Sampling(0.0):
             greedy_record_kernel(state, logits)

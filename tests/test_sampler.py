@@ -22,6 +22,7 @@ from minivl import sampler
 
 import_interpreted("kernels.decode_attention", "_split_kernel")  # before anything imports triton (helpers.py)
 import_interpreted("kernels.decode_layer", "_norm_matvec_kernel")
+import_interpreted("kernels.decode_rows", "_add_norm_kernel")
 import_interpreted("kernels.lora", "_lora_fwd_kernel")  # the LoRA layers of a test run through it too
 BANNED = [IDS["vision_start_token_id"], IDS["vision_end_token_id"], IDS["image_token_id"], IDS["video_token_id"]]
 TOL = 1e-4
@@ -30,12 +31,13 @@ DECODE = {"sdpa": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_de
           "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False, layer="compiled"),
           "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False, layer="compiled"),
           "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True, layer="compiled"),
-          "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=False, layer="compiled")}
+          "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=False, layer="compiled"),
+          "rows": sampler.DecodeOptions(fuse=FUSE, coordinate_descent=False, layer="kernels")}
 
 
 def use_decode(name, monkeypatch):
-    """DECODE[name]; the split-KV attention kernel runs on the CPU through Triton's interpreter."""
-    if DECODE[name].attention == "triton":
+    """DECODE[name]; the split-KV attention kernel and the row kernels run on the CPU through Triton's interpreter."""
+    if DECODE[name].attention == "triton" or DECODE[name].layer == "kernels":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setenv("MINIVL_KERNELS", "triton")
     return DECODE[name]
@@ -238,6 +240,34 @@ def test_kernel_layers_on_one_row(pair, monkeypatch):
         assert torch.equal(adapted.tokens, minivl.generate(model, batch, max_new_tokens=steps, temperature=0.0,
                                                            decode=DECODE["sdpa"]).tokens)
         assert len(calls) == (layers - 1) * (steps - 1)  # layer 0 has LoRA
+
+
+def test_row_kernels_on_several_rows(pair, monkeypatch):
+    """DecodeOptions(layer="kernels") with several rows: each plain layer runs as run_layer_rows (cuBLAS's products,
+    kernels/decode_rows.py between them; Triton's interpreter here). Sampled tokens and log-probs equal the compiled
+    layer's, and a layer with a LoRA adapter falls back to the compiled layer function."""
+    from minivl import lora
+
+    family, hf, ours = pair
+    batch, n, steps, layers = make_batch(family), 2, 6, len(ours.model.language_model.layers)
+    decode = use_decode("rows", monkeypatch)
+    calls = []
+    run = sampler.run_layer_rows
+    monkeypatch.setattr(sampler, "run_layer_rows", lambda *a: calls.append(1) or run(*a))
+    kw = dict(max_new_tokens=steps, temperature=0.9, top_k=50, num_return_sequences=n, seed=3)
+    out = minivl.generate(ours, batch, decode=decode, **kw)
+    ref = minivl.generate(ours, batch, decode=DECODE["fused"], **kw)
+    assert torch.equal(out.tokens, ref.tokens) and (out.logprobs - ref.logprobs).abs().max() <= TOL
+    assert len(calls) == (0 if family == "qwen3_vl_moe" else layers * (steps - 1))  # MoE layers: compiled path
+    if family != "qwen3_vl_moe":
+        model = copy.deepcopy(ours)
+        torch.manual_seed(0)
+        lora.inject(model, [n for n in lora.select_linear(model) if ".layers.1." in n], r=4, alpha=8,
+                    init_weights=False)
+        calls.clear()
+        adapted = minivl.generate(model, batch, decode=decode, **kw)
+        assert torch.equal(adapted.tokens, minivl.generate(model, batch, decode=DECODE["sdpa"], **kw).tokens)
+        assert len(calls) == (layers - 1) * (steps - 1)  # layer 1 has LoRA: the one before hands it x + delta
 
 
 def test_decode_options_are_checked():

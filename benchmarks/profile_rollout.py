@@ -28,15 +28,26 @@ from kernels import decode_attention as split_kv  # noqa: E402
 from minivl import sampler  # noqa: E402
 
 
+def split_setting(text):
+    """"programs=128,BS=64" -> {"programs": 128, "BS": 64}, keys of kernels/decode_attention.py's CONFIG."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in split_kv.CONFIG or not value.isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r} is not KEY=INT with KEY one of {sorted(split_kv.CONFIG)}")
+        out[key] = int(value)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=["qwen3_vl_8b"])
     ap.add_argument("--layers", nargs="+", default=["kernels", "compiled"], choices=["kernels", "compiled"])
     ap.add_argument("--attention", nargs="+", default=["triton"], choices=["auto", "sdpa", "math", "triton"],
                     help="of the compiled layer")
-    ap.add_argument("--programs", nargs="+", type=int, default=[0],
-                    help="with attention triton: kernels/decode_attention.py's CONFIG['programs'] (0: as it is), a "
-                         "variant each")
+    ap.add_argument("--split", nargs="+", type=split_setting, default=[{}], metavar="KEY=INT[,KEY=INT]",
+                    help="with the split-KV attention: changes to kernels/decode_attention.py's CONFIG, a variant each "
+                         "(e.g. programs=128,BS=64; '' = CONFIG as it is)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--tokens-64", type=int, default=512)
@@ -55,13 +66,13 @@ def main():
         cfg, model = build_model(name, device, args.smoke)
         batch = make_batch(cfg, args.prompts, device, torch.bfloat16, seed=2)
         N, T0, half = args.prompts * args.samples, batch["input_ids"].shape[1], args.tokens_64 // 2
-        variants = [(layer, a, p) for layer in args.layers
+        variants = [(layer, a, c) for layer in args.layers
                     for a in (["triton"] if layer == "kernels" else args.attention)
-                    for p in (args.programs if a == "triton" else [0])]
-        default_programs = split_kv.CONFIG["programs"]
-        for layer, attention, programs in variants:
+                    for c in (args.split if a == "triton" else [{}])]
+        default_config = dict(split_kv.CONFIG)
+        for layer, attention, changes in variants:
             decode = dataclasses.replace(sampler.DECODE, attention=attention, layer=layer)
-            split_kv.CONFIG["programs"] = programs or default_programs
+            split_kv.CONFIG.update(default_config, **changes)
             sampler.forget_compiled()
             with torch.no_grad():
                 dec = Decoder(model, batch, args.samples, args.tokens_64, sampler.Sampling(1.0), decode, device)
@@ -73,13 +84,13 @@ def main():
             weights = decoder_bytes(model)
             live = (weights + kv_bytes(cfg, N, T0 + half)) / bandwidth * 1e3
             whole = (weights + kv_bytes(cfg, N, S)) / bandwidth * 1e3
-            label = f"split-KV, {split_kv.CONFIG['programs']} programs" if attention == "triton" else attention
+            label = f"split-KV {split_kv.CONFIG}" if attention == "triton" else attention
             print(f"\n## {name}, {N} rows, {layer} layers, attention {label}: step {ms:.3f} ms at slot ~{T0 + half} of {S}; floor "
                   f"{live:.3f} ms with the written cache ({100 * live / ms:.0f}%), {whole:.3f} ms with the whole "
                   f"cache; graph built in {dec.build_s:.1f} s; copy {bandwidth / 1e12:.2f} TB/s")
             say_profile(rows, ms, args.top)
             del dec
-        split_kv.CONFIG["programs"] = default_programs
+        split_kv.CONFIG.update(default_config)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -1,14 +1,15 @@
-"""The small ops of a decode step of several rows, for the sampler (minivl/sampler.py): one decoder layer is cuBLAS's
-four matrix products with three Triton launches (four with the merge) between them, no inductor.
+"""The small ops of a decode step of several rows, for the sampler (minivl/sampler.py): one decoder layer is two of
+cuBLAS's products and five Triton launches (six with the attention's merge), no inductor.
 
     x, h = add_norm(x, delta, input_norm_weight, eps)     # x += delta (the last layer's MLP), h = rmsnorm(x)
     qkv = F.linear(h, qkv_weight, qkv_bias)                # cuBLAS
     a = attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)  # rotary, cache write, split-KV
-    x, h = add_norm(x, F.linear(a, o_weight), post_norm_weight, eps)
-    delta = F.linear(silu_mul(F.linear(h, gate_up_weight)), down_weight)  # added by the next layer's add_norm
+    x, h = add_norm(x, split_linear(a, o_weight), post_norm_weight, eps)          # o-proj as split-K partials
+    delta = split_linear(silu_mul(F.linear(h, gate_up_weight)), down_weight)      # summed by the next add_norm
 
-Why: at 64 rows a projection is a matrix product that cuBLAS streams near copy speed (benchmarks/NOTES_sampler.md,
-session 9: inductor's Triton templates were slower at every shape). Around them, inductor's compiled layer made
+Why: at 64 rows q/k/v and gate/up are matrix products that cuBLAS streams near copy speed (benchmarks/NOTES_sampler.md,
+session 9: inductor's Triton templates were slower at every shape); o and down, whose output goes to a residual add,
+are split-K products here whose float32 partials that add sums (see split_linear). Around them, inductor's compiled layer made
 its own small kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose speed moved
 between builds of the same code (the SiLU-mul kernel 70 or 192 us a step, H200), and it compiles again for every
 new cache length. Here the residual add rides in the next norm, and the rotary and the cache write ride in the
@@ -24,6 +25,7 @@ of two >= 16, Dh head dim, S cache slots, BS slots per block, NS slot ranges.
 Tests (CPU, Triton interpreter): python -m pytest tests/test_kernels_decode_rows.py
 """
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +36,18 @@ from kernels.decode_layer import attend_reference, rms_norm_reference
 
 # ----------------------------------------------------------------------------------------- references
 
+def add_partials(x, delta):
+    """x + the sum of delta's partials (P, *x.shape), the sum rounded to x's dtype first (a product's output)."""
+    return x if delta is None else x + delta.float().sum(0).to(x.dtype)
+
+
 def add_norm_reference(x, delta, weight, eps):
-    x = x if delta is None else x + delta
+    x = add_partials(x, delta)
     return x, rms_norm_reference(x, weight, eps)
+
+
+def split_linear_reference(x, weight):
+    return F.linear(x, weight)[None]  # one partial, the whole product
 
 
 def silu_mul_reference(gate_up):
@@ -52,6 +63,18 @@ def attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, 
                       for n in range(qkv.shape[0])])
 
 
+def sample_record_reference(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths, tokens,
+                            logprobs, positions, logits_out):
+    """sampler.record for temperature sampling over every token but the banned (no top-k, no top-p; temperature 0:
+    greedy), then the next slot."""
+    from minivl.sampler import Sampling, record
+
+    state = SimpleNamespace(banned=banned, seed=seed, step=step, done=done, pad_id=pad_id, tokens=tokens,
+                            logprobs=logprobs, lengths=lengths, eos=eos, token=token, logits=logits_out)
+    record(state, logits.float(), Sampling(temperature))
+    positions.add_(1)
+
+
 # ----------------------------------------------------------------------------------------- dispatch
 
 def _check(name, cond, message):
@@ -60,19 +83,50 @@ def _check(name, cond, message):
 
 
 def add_norm(x, delta, weight, eps):
-    """x, delta (N, 1, D) or delta None -> (x + delta, rmsnorm(x + delta) * weight), both (N, 1, D)."""
+    """x (N, 1, D), delta (P, N, 1, D) partial sums of a product's output (split_linear) or None -> (x + the sum of
+    delta, rmsnorm(that) * weight), both (N, 1, D)."""
     if not use_triton(x, weight):
         return add_norm_reference(x, delta, weight, eps)
     D = x.shape[-1]
-    _check("add_norm", weight.shape == (D,) and (delta is None or delta.shape == x.shape),
+    _check("add_norm", weight.shape == (D,) and (delta is None or delta.shape[1:] == x.shape),
            f"x {tuple(x.shape)}, delta {None if delta is None else tuple(delta.shape)}, weight {tuple(weight.shape)}"
-           ": want x and delta of one shape (..., D) and a weight (D,)")
+           ": want x (..., D), delta (P, ..., D) partials of x's shape, and a weight (D,)")
     x = x.contiguous()
     out = x if delta is None else torch.empty_like(x)
     h = torch.empty_like(x)
-    _add_norm_kernel[(x.numel() // D,)](x, x if delta is None else delta.contiguous(), weight, out, h, D, eps,
-                                        BLOCK=triton.next_power_of_2(D), HAS_DELTA=delta is not None, num_warps=8)
+    _add_norm_kernel[(x.numel() // D,)](x, x if delta is None else delta.contiguous(), weight, out, h, D, x.numel(),
+                                        eps, BLOCK=triton.next_power_of_2(D), PARTS=0 if delta is None else len(delta),
+                                        num_warps=8)
     return out, h
+
+
+# Tiles of split_linear's product, from benchmarks/bench_rows_gemm.py (H200, M = 64): (BN, BK, stages, programs).
+# Against cuBLAS's F.linear: Qwen2.5-VL-3B o 4.9 vs 6.3 us, down 14.6 vs 17.3; Qwen3-VL-8B o 11.0 vs 11.8, down 28.0 vs
+# 31.8; each with about 128 programs (output blocks x ranges of K); the larger gate/up lost (1.02x / 1.07x).
+SPLIT_TILES = (64, 128, 4, 128)
+INTERPRET_SPLIT_TILES = (16, 32, 1, 8)  # small, so that the CPU tests cover several blocks, ranges and steps
+
+
+def split_linear(x, weight):
+    """x (N, 1, K) -> (P, N, 1, O): x @ weight.T (weight (O, K)) as P float32 partial sums over ranges of K, which
+    add_norm sums. Why: at 64 rows the o and down projections are latency-bound in cuBLAS (3B o at 1.3 TB/s), which
+    reduces its own split-K ranges in a second kernel; here more programs stream the weight and the next kernel,
+    which reads the output anyway, does that sum."""
+    if not use_triton(x, weight):
+        return split_linear_reference(x, weight)
+    (O, K), M = weight.shape, x.numel() // x.shape[-1]
+    _check("split_linear", x.shape[-1] == K and weight.is_contiguous(),
+           f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: want x (..., K) and a contiguous weight (O, K)")
+    BN, BK, stages, programs = SPLIT_TILES if x.is_cuda else INTERPRET_SPLIT_TILES
+    BM = min(64, max(16, triton.next_power_of_2(M)))
+    blocks = triton.cdiv(O, BN)
+    per = triton.cdiv(triton.cdiv(K, max(1, programs // blocks)), BK) * BK  # inputs per range, whole BK steps
+    P = triton.cdiv(K, per)
+    part = torch.empty((P,) + x.shape[:-1] + (O,), dtype=torch.float32, device=x.device)
+    _partial_matmul_kernel[(blocks, P, triton.cdiv(M, BM))](x.contiguous(), weight, part, M, O, K, per, BM=BM, BN=BN,
+                                                           BK=BK, STAGES=stages, F32=weight.dtype == torch.float32 or not x.is_cuda,
+                                                           num_warps=4)
+    return part
 
 
 def silu_mul(gate_up):
@@ -126,6 +180,44 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
     return out
 
 
+def sample_record(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths, tokens, logprobs,
+                  positions, logits_out):
+    """The sampling tail of a step of N rows in three launches (sample_record_reference says what it does). Each
+    program of the first takes a chunk of a row's logits (N, V): it stores them as float32 into logits_out, scales
+    them by 1 / temperature, and leaves the chunk's maximum outside `banned` and its sum of exp(x - max), and the
+    maximum of x + Gumbel noise (sampler.gumbel_noise: the same uniforms) and where it first occurs. Each program of
+    the second combines a few rows' chunks (the log-sum-exp, the draw) and records their tokens, as
+    decode_layer.greedy_record does for one row; a third moves the step and the slot on. Compiled by inductor this tail was ~10 kernels, ~130 us of a 64-row
+    step (H200, benchmarks/NOTES_sampler.md, session 10)."""
+    if not use_triton(logits, tokens):
+        return sample_record_reference(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths,
+                                       tokens, logprobs, positions, logits_out)
+    (N, V), L = logits.shape, tokens.shape[-1]
+    _check("sample_record", logits_out.shape == (N, V) and logits_out.dtype == torch.float32 and tokens.shape == (N, L)
+           and logprobs.shape == (N, L) and token.shape == (N,) and done.shape == (N,) and lengths.shape == (N,)
+           and step.numel() == 1 and positions.numel() == 1 and logits.is_contiguous() and logits_out.is_contiguous()
+           and tokens.is_contiguous() and logprobs.is_contiguous() and temperature >= 0,
+           f"logits {tuple(logits.shape)}, logits_out {tuple(logits_out.shape)} {logits_out.dtype}, tokens "
+           f"{tuple(tokens.shape)}, logprobs {tuple(logprobs.shape)}, token {tuple(token.shape)}, temperature "
+           f"{temperature}: want (N, V) logits and their float32 copy, (N, L) contiguous outputs, (N,) row state, "
+           "one-element step and positions, a temperature >= 0")
+    block = 1024 if logits.is_cuda else 64  # 1024 ids, 4 warps: 87 us at 64 rows (H200); 4096, 8 warps: 140
+    chunks = triton.cdiv(V, block)
+    # per (row, chunk): max, sum of exp(x - max), max of x + noise; where that maximum first occurs
+    chunk_f = torch.empty(3, N, chunks, dtype=torch.float32, device=logits.device)
+    chunk_at = torch.empty(N, chunks, dtype=torch.int32, device=logits.device)
+    greedy, t = temperature == 0, float(temperature) or 1.0
+    _sample_chunks_kernel[(N, chunks)](
+        logits, banned if banned.numel() else token, seed, step, logits_out, chunk_f, chunk_at, V, banned.numel(), t,
+        BLOCK=block, NBP=max(2, triton.next_power_of_2(banned.numel())), GREEDY=greedy, num_warps=4)
+    rb = 2
+    _sample_record_kernel[(triton.cdiv(N, rb),)](
+        chunk_f, chunk_at, logits, eos if eos.numel() else token, token, step, done, lengths, tokens, logprobs, N,
+        chunks, V, L, eos.numel(), pad_id, t, RB=rb, CP=max(2, triton.next_power_of_2(chunks)),
+        NEP=max(2, triton.next_power_of_2(eos.numel())), GREEDY=greedy, num_warps=4)
+    _advance_kernel[(1,)](step, positions)  # after every row has read the step
+
+
 # ----------------------------------------------------------------------------------------- kernels
 
 if triton_available():
@@ -136,13 +228,17 @@ if triton_available():
     from kernels.decode_layer import _normed_values, _rope_heads
 
     @triton.jit
-    def _add_norm_kernel(x_ptr, d_ptr, nw_ptr, out_ptr, h_ptr, D, eps, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+    def _add_norm_kernel(x_ptr, d_ptr, nw_ptr, out_ptr, h_ptr, D, numel, eps, BLOCK: tl.constexpr,
+                         PARTS: tl.constexpr):
         dtype = h_ptr.dtype.element_ty
         row = tl.program_id(0).to(tl.int64) * D
         cols = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row + cols, mask=cols < D, other=0.0)
-        if HAS_DELTA:  # the residual sum, rounded to the activation dtype as PyTorch's add
-            x = (x.to(tl.float32) + tl.load(d_ptr + row + cols, mask=cols < D, other=0.0).to(tl.float32)).to(dtype)
+        if PARTS > 0:  # the product's output (its partials summed, rounded), then the residual sum, rounded
+            d = tl.zeros([BLOCK], tl.float32)
+            for p in range(PARTS):
+                d += tl.load(d_ptr + p * numel + row + cols, mask=cols < D, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) + d.to(dtype).to(tl.float32)).to(dtype)
             tl.store(out_ptr + row + cols, x, mask=cols < D)
         x = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
@@ -194,3 +290,103 @@ if triton_available():
                      mask=(rg < G)[:, None])
         else:
             _store_range(acc, l_i, m_i, part_ptr, lse_ptr, nk * NS + split, G, GP, DH)
+
+    @triton.jit
+    def _hash32(x):
+        """sampler._hash32 on uint32 (its products taken mod 2**32 by the hardware)."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _sample_chunks_kernel(logits_ptr, banned_ptr, seed_ptr, step_ptr, out_ptr, f_ptr, at_ptr, V, NB, temperature,
+                              BLOCK: tl.constexpr, NBP: tl.constexpr, GREEDY: tl.constexpr):
+        n, c = tl.program_id(0), tl.program_id(1)
+        NC = tl.num_programs(0) * tl.num_programs(1)
+        cols = c * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) token ids of this chunk
+        rb = tl.arange(0, NBP)
+        banned = tl.load(banned_ptr + rb, mask=rb < NB, other=-1)  # (NBP,)
+        x = tl.load(logits_ptr + n.to(tl.int64) * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n.to(tl.int64) * V + cols, x, mask=cols < V)
+        if not GREEDY:
+            x = tl.div_rn(x, temperature)  # IEEE division, as PyTorch's logits / temperature
+        hit = tl.sum((cols[:, None] == banned[None, :]).to(tl.int32), axis=1) > 0  # (BLOCK,)
+        x = tl.where(hit | (cols >= V), float("-inf"), x)
+        m = tl.max(x, axis=0)
+        shift = tl.where(m == float("-inf"), 0.0, m)  # a chunk of banned ids only: sum 0, not NaN
+        total = tl.sum(tl.exp(x - shift), axis=0)
+        draw = x
+        if not GREEDY:  # Gumbel noise of (seed, step, row, token): sampler.gumbel_noise's uniforms
+            seed = tl.load(seed_ptr)
+            first = ((seed & 0xFFFFFFFF) ^ tl.load(step_ptr)).to(tl.uint32)
+            key = _hash32(_hash32(first) ^ n.to(tl.uint32))
+            bits = _hash32(cols.to(tl.uint32) ^ key) >> 8  # 24 random bits
+            u = (bits.to(tl.float32) + 0.5) * 5.9604644775390625e-08  # * 2**-24: uniform in (0, 1)
+            draw = x - tl.log(-tl.log(u))  # tl.log, as inductor's compiled tail computed it
+        best = tl.max(draw, axis=0)
+        base = n * tl.num_programs(1) + c
+        tl.store(f_ptr + base, m)
+        tl.store(f_ptr + NC + base, total)
+        tl.store(f_ptr + 2 * NC + base, best)
+        tl.store(at_ptr + base, tl.min(tl.where(draw == best, cols, V), axis=0))  # the first maximum, as argmax
+
+    @triton.jit
+    def _sample_record_kernel(f_ptr, at_ptr, logits_ptr, eos_ptr, token_ptr, step_ptr, done_ptr, lengths_ptr,
+                              tokens_ptr, logprobs_ptr, N, C, V, L, NE, pad_id, temperature, RB: tl.constexpr,
+                              CP: tl.constexpr, NEP: tl.constexpr, GREEDY: tl.constexpr):
+        rows = tl.program_id(0) * RB + tl.arange(0, RB)  # (RB,) rows of this program
+        rc, re = tl.arange(0, CP), tl.arange(0, NEP)
+        eos = tl.load(eos_ptr + re, mask=re < NE, other=-1)  # (NEP,)
+        step = tl.load(step_ptr)
+        live = rows < N
+        ok = live[:, None] & (rc < C)[None, :]
+        offs = rows[:, None] * C + rc[None, :]  # (RB, CP): the rows' chunks
+        m = tl.load(f_ptr + offs, mask=ok, other=float("-inf"))
+        total = tl.load(f_ptr + N * C + offs, mask=ok, other=0.0)
+        draw = tl.load(f_ptr + 2 * N * C + offs, mask=ok, other=float("-inf"))
+        top = tl.max(m, axis=1)  # (RB,)
+        lse = top + tl.log(tl.sum(total * tl.exp(m - tl.where(live, top, 0.0)[:, None]), axis=1))
+        won = tl.max(draw, axis=1)
+        # the first chunk holding the row's largest draw, and its first maximum there
+        c_best = tl.min(tl.where(draw == won[:, None], rc[None, :], CP), axis=1)  # (RB,)
+        best = tl.load(at_ptr + rows * C + c_best, mask=live, other=0).to(tl.int64)
+        x_best = tl.load(logits_ptr + rows.to(tl.int64) * V + best, mask=live, other=0.0).to(tl.float32)
+        if not GREEDY:
+            x_best = tl.div_rn(x_best, temperature)
+        active = tl.load(done_ptr + rows, mask=live, other=1).to(tl.int1) == 0
+        best = tl.where(active, best, pad_id)
+        tl.store(tokens_ptr + rows.to(tl.int64) * L + step, best, mask=live)
+        tl.store(logprobs_ptr + rows.to(tl.int64) * L + step, tl.where(active, x_best - lse, 0.0), mask=live)
+        tl.store(lengths_ptr + rows, tl.load(lengths_ptr + rows, mask=live, other=0) + active.to(tl.int64), mask=live)
+        ends = tl.sum((best[:, None] == eos[None, :]).to(tl.int32), axis=1) > 0
+        tl.store(done_ptr + rows, (active == 0) | ends, mask=live)  # a finished row stays finished
+        tl.store(token_ptr + rows, best, mask=live)
+
+    @triton.jit
+    def _advance_kernel(step_ptr, positions_ptr):
+        tl.store(step_ptr, tl.load(step_ptr) + 1)
+        tl.store(positions_ptr, tl.load(positions_ptr) + 1)
+
+    @triton.jit
+    def _partial_matmul_kernel(x_ptr, w_ptr, part_ptr, M, N, K, K_PER_SPLIT, BM: tl.constexpr, BN: tl.constexpr,
+                               BK: tl.constexpr, STAGES: tl.constexpr, F32: tl.constexpr):
+        """part[s] = x[:, Ks] @ W[:, Ks]^T in float32 for the s-th range Ks of K_PER_SPLIT inputs: x (M, K), W (N, K),
+        part (splits, M, N). Program (output block, range, block of rows)."""
+        pn, ps = tl.program_id(0), tl.program_id(1)
+        rm, rn, rk = tl.program_id(2) * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BK)
+        k_first = ps * K_PER_SPLIT
+        k_end = tl.minimum(k_first + K_PER_SPLIT, K)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k in tl.range(k_first, k_end, BK, num_stages=STAGES):
+            cols = k + rk
+            x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], mask=(rm < M)[:, None] & (cols < k_end)[None, :],
+                        other=0.0)  # (BM, BK)
+            w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + cols[None, :],
+                        mask=(rn < N)[:, None] & (cols < k_end)[None, :], other=0.0)  # (BN, BK)
+            if F32:  # float32 weights: IEEE float32 dots (not TF32), as cuBLAS's; and the CPU interpreter (bf16 dots)
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        tl.store(part_ptr + (ps * M + rm).to(tl.int64)[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])

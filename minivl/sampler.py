@@ -21,8 +21,8 @@ How it runs:
      torch.compile, which fuses the small ops. The host only asks "all rows finished?"
      every `check_every` steps. On the CPU the same step runs eagerly. How the step is built (SDPA or written-out
      attention, fused projections, inductor's tuning) is a DecodeOptions; benchmarks/profile_decode.py times each.
-  4. Sampling without a host sync: Gumbel-max (argmax of log p + Gumbel noise, the exponential race of
-     gpt-fast). The noise is a counter-based hash of (seed, step, row, token), so a seed gives the same tokens
+  4. Sampling without a host sync: Gumbel-max (argmax of the support's logits + Gumbel noise, the exponential
+     race of gpt-fast). The noise is a counter-based hash of (seed, step, row, token), so a seed gives the same tokens
      on every device, eager or compiled, and the CUDA graph needs no generator state.
 
 Rows that produced an eos keep running (shapes are static) but their later tokens are padding with log-prob 0.
@@ -219,12 +219,11 @@ def support_logits(logits, sampling, banned):
 def pick(logits, sampling, banned, seed, step):
     """Next token (N,) and its log-prob (N,) float32 under the support distribution, without a host sync."""
     x = support_logits(logits, sampling, banned)  # (N, V)
-    logp = x.log_softmax(dim=-1)
     if sampling.temperature > 0:
-        token = argmax_rows(logp + gumbel_noise(seed, step, *x.shape))  # Gumbel-max: a draw from softmax(x)
+        token = argmax_rows(x + gumbel_noise(seed, step, *x.shape))  # Gumbel-max: a draw from softmax(x)
     else:
         token = argmax_rows(x)
-    return token, logp.gather(1, token[:, None])[:, 0]
+    return token, x.log_softmax(dim=-1).gather(1, token[:, None])[:, 0]
 
 
 def argmax_rows(x, chunk=1024):
@@ -399,25 +398,26 @@ def run_layer_kernels(layer, x, cos, sin, mask, layer_cache, fused):
 
 
 def rows_can_run(layer, fused):
-    """Whether run_layer_rows can take this layer: fused q/k/v and gate/up weights (plain linear projections, a dense
-    MLP), a head dim the attention's dots take."""
-    head_dim = layer.self_attn.head_dim
-    return fused.qkv is not None and fused.gate_up is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    """Whether run_layer_rows can take this layer: fused q/k/v and gate/up weights and plain o and down projections
+    (no LoRA adapter, a dense MLP), a head dim the attention's dots take."""
+    attn, head_dim = layer.self_attn, layer.self_attn.head_dim
+    return fused.qkv is not None and fused.gate_up is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0 \
+        and all(type(m) is nn.Linear and m.bias is None for m in (attn.o_proj, layer.mlp.down_proj))
 
 
 def run_layer_rows(layer, x, delta, cos, sin, mask, layer_cache, fused):
     """run_layer for several rows: cuBLAS's products with kernels/decode_rows.py's launches between them. x (N, 1, D)
-    is the residual stream without `delta`, the previous layer's MLP output (None at the first layer), which this
-    layer's first norm adds -> (x, delta) for the next layer."""
-    from kernels.decode_rows import add_norm, attend, silu_mul
+    is the residual stream without `delta`, the previous layer's MLP output as partial sums (P, N, 1, D) (None at the
+    first layer), which this layer's first norm adds -> (x, delta) for the next layer."""
+    from kernels.decode_rows import add_norm, attend, silu_mul, split_linear
 
     attn, mlp, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
     x, h = add_norm(x, delta, norm.weight, norm.eps)
     qkv = F.linear(h, fused.qkv, fused.qkv_bias)  # (N, 1, (H + 2K) * Dh)
     qn, kn, eps = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
     a = attend(qkv, cos, sin, qn, kn, eps, layer_cache.k, layer_cache.v, layer_cache.positions, mask)  # (N,H,1,Dh)
-    x, h = add_norm(x, attn.o_proj(a.view(x.shape[0], 1, -1)), post.weight, post.eps)
-    return x, mlp.down_proj(silu_mul(F.linear(h, fused.gate_up)))  # (N, 1, D) each
+    x, h = add_norm(x, split_linear(a.view(x.shape[0], 1, -1), attn.o_proj.weight), post.weight, post.eps)
+    return x, split_linear(silu_mul(F.linear(h, fused.gate_up)), mlp.down_proj.weight)  # (N, 1, D), (P, N, 1, D)
 
 
 def step_outputs(model, state, x, sampling):
@@ -463,6 +463,16 @@ def greedy_record_kernel(state, logits):
                   state.lengths, state.tokens, state.logprobs, state.cache.positions, state.logits)
 
 
+def sample_record_kernel(state, logits, sampling):
+    """step_sample for several rows and no top-k or top-p in two launches (kernels/decode_rows.py): inductor made
+    ~10 kernels of it, ~130 us of a 64-row step (H200, benchmarks/NOTES_sampler.md, session 10)."""
+    from kernels.decode_rows import sample_record
+
+    sample_record(logits, sampling.temperature, state.banned, state.eos, state.pad_id, state.seed, state.token,
+                  state.step, state.done, state.lengths, state.tokens, state.logprobs, state.cache.positions,
+                  state.logits)
+
+
 PARTS = (step_inputs, run_layer, step_outputs, step_sample)
 
 
@@ -481,19 +491,24 @@ def decode_step(model, state, sampling, parts=PARTS):
     else:
         x, cos, sin, mask = begin(text, state)
     delta = None  # run_layer_rows leaves its MLP output to be added by the next norm
+    if row_kernels:
+        from kernels.decode_rows import add_norm, add_partials
     for i, layer in enumerate(text.layers):
         if kernel_layers and kernels_can_run(layer, state.fused[i]):
             x = run_layer_kernels(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i])
         elif row_kernels and rows_can_run(layer, state.fused[i]):
             x, delta = run_layer_rows(layer, x, delta, cos, sin, mask, LayerCache(state.cache, i), state.fused[i])
         else:
-            x, delta = x if delta is None else x + delta, None
+            if delta is not None:  # a layer the row kernels cannot take (LoRA) after one they took
+                x, delta = add_partials(x, delta), None
             x = layer_fn(layer, x, cos, sin, mask, LayerCache(state.cache, i), state.fused[i], attention_fn)
     if delta is not None:  # the final norm adds it
-        from kernels.decode_rows import add_norm
-
         norm = text.norm
-        sample(state, model.lm_head(add_norm(x, delta, norm.weight, norm.eps)[1][:, 0]), sampling)
+        logits = model.lm_head(add_norm(x, delta, norm.weight, norm.eps)[1][:, 0])  # (N, V)
+        if sampling.top_k == 0 and sampling.top_p == 1.0:
+            sample_record_kernel(state, logits, sampling)
+        else:
+            sample(state, logits, sampling)
     elif kernel_layers and head_kernel_can_run(model):
         logits = head_logits_kernel(model, x)  # (1, V)
         if sampling == Sampling(0.0):

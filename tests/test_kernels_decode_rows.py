@@ -14,18 +14,35 @@ from test_kernels_decode_layer import TOL, attention64, rms64, rnd, rotate64  # 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [100, 64])
-@pytest.mark.parametrize("with_delta", [False, True])
-def test_add_norm(with_delta, D, dtype, triton_cpu):
+@pytest.mark.parametrize("parts", [0, 1, 3])  # no delta; one partial in the activation dtype; three float32 ones
+def test_add_norm(parts, D, dtype, triton_cpu):
     gen, seed = fresh_generator()
     x = torch.randn(5, 1, D, generator=gen).mul(3).to(dtype)
-    delta = torch.randn(5, 1, D, generator=gen).to(dtype) if with_delta else None
+    delta = None if parts == 0 else torch.randn(parts, 5, 1, D, generator=gen).to(dtype if parts == 1 else
+                                                                                     torch.float32)
     nw = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype)
     before = x.clone()
     s, h = dr.add_norm(x, delta, nw, 1e-6)
-    want_s = rnd(x.double() + delta.double(), dtype) if with_delta else x.double()
+    # the partials' sum is rounded once (a product's output), then the residual sum once
+    want_s = x.double() if delta is None else rnd(x.double() + rnd(delta.double().sum(0), dtype), dtype)
     assert s.shape == h.shape == x.shape and s.dtype == h.dtype == dtype
-    assert torch.equal(s.double(), want_s) and torch.equal(x, before), f"seed {seed}"  # the sum is rounded once
-    torch.testing.assert_close(h.double(), rms64(want_s, nw, 1e-6, dtype), **TOL[dtype], msg=f"seed {seed}")
+    torch.testing.assert_close(s.double(), want_s, **TOL[dtype], msg=f"seed {seed}")
+    assert torch.equal(x, before), f"seed {seed}"
+    torch.testing.assert_close(h.double(), rms64(s, nw, 1e-6, dtype), **TOL[dtype], msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,O", [(5, 100, 37), (3, 32, 16), (70, 64, 20), (2, 20, 5)])
+def test_split_linear(M, K, O, dtype, triton_cpu):
+    """The float32 partials sum to x @ W.T; the ranges cover K once (the interpreter's tiles: 16 outputs, 32 inputs a
+    step, ~8 programs; 70 rows: two blocks of 64)."""
+    gen, seed = fresh_generator()
+    x = torch.randn(M, 1, K, generator=gen).to(dtype)
+    w = (torch.randn(O, K, generator=gen) / K**0.5).to(dtype)
+    part = dr.split_linear(x, w)
+    assert part.dtype == torch.float32 and part.shape[1:] == (M, 1, O) and part.shape[0] >= 1
+    want = x.double().view(M, K) @ w.double().T
+    torch.testing.assert_close(part.double().sum(0).view(M, O), want, atol=1e-4, rtol=1e-4, msg=f"seed {seed}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,7 +113,11 @@ def test_attend(case, qk_norm, dtype, triton_cpu):
 
 def test_bad_shapes_are_named(triton_cpu):
     with pytest.raises(ValueError, match="add_norm"):
-        dr.add_norm(torch.randn(2, 1, 8), torch.randn(2, 1, 6), torch.ones(8), 1e-6)
+        dr.add_norm(torch.randn(2, 1, 8), torch.randn(1, 2, 1, 6), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="add_norm"):  # a delta without its partials' dimension
+        dr.add_norm(torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="split_linear"):
+        dr.split_linear(torch.randn(2, 1, 8), torch.randn(4, 6))
     with pytest.raises(ValueError, match="silu_mul"):
         dr.silu_mul(torch.randn(2, 1, 7))
     cache = torch.zeros(2, 1, 4, 16)
@@ -118,10 +139,11 @@ def test_twins_agree(triton_cpu, monkeypatch):
     caches = [torch.randn(N, K, S, Dh, generator=gen) for _ in range(2)]
     mask = torch.rand(N, 1, 1, S, generator=gen) > 0.3
     mask[..., 20] = True  # the new slot
-    got = [*dr.add_norm(x, d, nw, 1e-6), dr.silu_mul(gate_up),
+    w = torch.randn(24, 40, generator=gen)
+    got = [*dr.add_norm(x, d[None], nw, 1e-6), dr.silu_mul(gate_up), dr.split_linear(x, w).sum(0),
            dr.attend(qkv, cos, -cos, None, None, 0.0, *[c.clone() for c in caches], torch.tensor([20]), mask)]
     monkeypatch.setenv("MINIVL_KERNELS", "reference")
-    want = [*dr.add_norm(x, d, nw, 1e-6), dr.silu_mul(gate_up),
+    want = [*dr.add_norm(x, d[None], nw, 1e-6), dr.silu_mul(gate_up), dr.split_linear(x, w).sum(0),
             dr.attend(qkv, cos, -cos, None, None, 0.0, *[c.clone() for c in caches], torch.tensor([20]), mask)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5, msg=f"seed {seed}")
@@ -138,9 +160,9 @@ def build(fn, pointers, scalars, constexprs):
     triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
 
 bf = "*bf16"
-for has_delta in (False, True):
-    build(dr._add_norm_kernel, {n: bf for n in ("x_ptr", "d_ptr", "nw_ptr", "out_ptr", "h_ptr")},
-          dict(D="i32", eps="fp32"), dict(BLOCK=2048, HAS_DELTA=has_delta))
+for parts in (0, 4):
+    build(dr._add_norm_kernel, dict(x_ptr=bf, d_ptr="*fp32", nw_ptr=bf, out_ptr=bf, h_ptr=bf),
+          dict(D="i32", numel="i32", eps="fp32"), dict(BLOCK=2048, PARTS=parts))
 build(dr._silu_mul_kernel, dict(gu_ptr=bf, out_ptr=bf), dict(I="i32"), dict(BLOCK=1024))
 for qk_norm, ns in ((False, 3), (True, 1)):
     pointers = {n: bf for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "qn_ptr", "kn_ptr", "kc_ptr", "vc_ptr", "out_ptr")}
@@ -148,6 +170,16 @@ for qk_norm, ns in ((False, 3), (True, 1)):
     build(dr._attend_rows_kernel, pointers, dict(S="i32", eps="fp32", qk_scale="fp32"),
           dict(H=16, K=2, G=8, GP=16, DH=128, BS=32, PER_SPLIT=9, NS=ns, QK_NORM=qk_norm, F32=False, STAGES=3,
                SCAN=1024))
+build(dr._sample_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
+      out_ptr="*fp32", f_ptr="*fp32", at_ptr="*i32"), dict(V="i32", NB="i32", temperature="fp32"),
+      dict(BLOCK=4096, NBP=8, GREEDY=False))
+build(dr._sample_record_kernel, dict(f_ptr="*fp32", at_ptr="*i32", logits_ptr=bf, eos_ptr="*i64", token_ptr="*i64",
+      step_ptr="*i64", done_ptr="*i1", lengths_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32"),
+      dict(N="i32", C="i32", V="i32", L="i32", NE="i32", pad_id="i32", temperature="fp32"),
+      dict(RB=2, CP=64, NEP=2, GREEDY=False))
+build(dr._advance_kernel, dict(step_ptr="*i64", positions_ptr="*i64"), {}, {})
+build(dr._partial_matmul_kernel, dict(x_ptr=bf, w_ptr=bf, part_ptr="*fp32"),
+      dict(M="i32", N="i32", K="i32", K_PER_SPLIT="i32"), dict(BM=64, BN=64, BK=128, STAGES=4, F32=False))
 print("compiled")
 """
 
@@ -165,3 +197,67 @@ def test_kernels_compile_for_an_h100():
     if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing")
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+def rows_state(N, L, step, done):
+    return dict(token=torch.zeros(N, dtype=torch.long), step=torch.tensor(step), done=done.clone(),
+                lengths=torch.full((N,), step, dtype=torch.long), tokens=torch.full((N, L), 7, dtype=torch.long),
+                logprobs=torch.full((N, L), 7.0), positions=torch.tensor([40]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [300, 64, 50])  # several chunks of the interpreter's 64 ids and a partial one; one; less
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_sample_record(temperature, V, dtype, triton_cpu):
+    """Against sampler.record written out in float64: the token is the first maximum of logits / temperature + the
+    sampler's Gumbel noise (greedy: of the logits) outside the banned ids, its log-prob the log-softmax there; rows
+    already done only pad; an eos ends a row."""
+    from minivl.sampler import gumbel_noise
+
+    gen, seed_ = fresh_generator()
+    N, L, step = 5, 4, 2
+    logits = torch.randn(N, V, generator=gen).mul(3).to(dtype)
+    logits[1, 17] = logits[1, 40] = logits[1].max() + 20  # a tie: the first wins (greedy)
+    banned = torch.tensor([3, 11, V - 1])
+    logits[2, 11] = 1e4  # banned: never drawn
+    done = torch.tensor([False, False, False, True, False])
+    seed = torch.tensor(int(torch.randint(2**40, (), generator=gen)))
+    x = logits.double()
+    noise = gumbel_noise(seed, torch.tensor(step), N, V).double()
+    if temperature > 0:
+        x = x / temperature
+    x[:, banned] = float("-inf")
+    want = (x + noise if temperature > 0 else x).argmax(-1)
+    eos = torch.tensor([int(want[4]), 999])  # row 4 draws an eos
+    want_lp = x.log_softmax(-1).gather(1, want[:, None])[:, 0]
+    state, out = rows_state(N, L, step, done), torch.zeros(N, V)
+    dr.sample_record(logits, temperature, banned, eos, 0, seed, **state, logits_out=out)
+    msg = f"seed {seed_}"
+    assert torch.equal(out, logits.float()), msg
+    active = ~done
+    assert state["tokens"][:, step].tolist() == torch.where(active, want, 0).tolist(), msg
+    assert torch.equal(state["token"], torch.where(active, want, 0)), msg
+    torch.testing.assert_close(state["logprobs"][:, step].double(), torch.where(active, want_lp, 0.0), atol=1e-5,
+                               rtol=1e-5, msg=msg)
+    assert (state["tokens"][:, [0, 1, 3]] == 7).all() and (state["logprobs"][:, [0, 1, 3]] == 7.0).all()
+    assert state["lengths"].tolist() == [step + int(a) for a in active]
+    ends = active & torch.isin(want, eos)
+    assert state["done"].tolist() == (done | ends).tolist() and bool(ends[4]), msg  # other rows may draw it too
+    assert int(state["step"]) == step + 1 and int(state["positions"]) == 41
+
+
+def test_sample_record_twin_agrees(triton_cpu, monkeypatch):
+    """The kernels and sampler.record (the twin the CPU path and the compiled tail run) draw the same tokens."""
+    gen, seed_ = fresh_generator()
+    N, V = 6, 500
+    logits, banned, eos = torch.randn(N, V, generator=gen), torch.tensor([4, 7]), torch.tensor([1])
+    done = torch.zeros(N, dtype=torch.bool)
+    results = []
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("MINIVL_KERNELS", mode)
+        state, out = rows_state(N, 3, 1, done), torch.zeros(N, V)
+        dr.sample_record(logits, 0.8, banned, eos, 0, torch.tensor(seed_), **state, logits_out=out)
+        results.append((state, out))
+    (a, a_out), (b, b_out) = results
+    assert torch.equal(a_out, b_out) and torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "logprobs"), f"seed {seed_}"

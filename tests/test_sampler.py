@@ -251,14 +251,18 @@ def test_row_kernels_on_several_rows(pair, monkeypatch):
     family, hf, ours = pair
     batch, n, steps, layers = make_batch(family), 2, 6, len(ours.model.language_model.layers)
     decode = use_decode("rows", monkeypatch)
-    calls = []
-    run = sampler.run_layer_rows
+    calls, tails = [], []
+    run, tail = sampler.run_layer_rows, sampler.sample_record_kernel
     monkeypatch.setattr(sampler, "run_layer_rows", lambda *a: calls.append(1) or run(*a))
-    kw = dict(max_new_tokens=steps, temperature=0.9, top_k=50, num_return_sequences=n, seed=3)
-    out = minivl.generate(ours, batch, decode=decode, **kw)
-    ref = minivl.generate(ours, batch, decode=DECODE["fused"], **kw)
-    assert torch.equal(out.tokens, ref.tokens) and (out.logprobs - ref.logprobs).abs().max() <= TOL
-    assert len(calls) == (0 if family == "qwen3_vl_moe" else layers * (steps - 1))  # MoE layers: compiled path
+    monkeypatch.setattr(sampler, "sample_record_kernel", lambda *a: tails.append(1) or tail(*a))
+    kw = dict(max_new_tokens=steps, temperature=0.9, num_return_sequences=n, seed=3)
+    for top_k, kernel_tails in ((50, 0), (0, steps - 1)):  # top-k: the compiled tail; else the sampling kernels
+        tails.clear()
+        out = minivl.generate(ours, batch, decode=decode, top_k=top_k, **kw)
+        ref = minivl.generate(ours, batch, decode=DECODE["fused"], top_k=top_k, **kw)
+        assert torch.equal(out.tokens, ref.tokens) and (out.logprobs - ref.logprobs).abs().max() <= TOL
+        assert len(tails) == (0 if family == "qwen3_vl_moe" else kernel_tails)
+    assert len(calls) == (0 if family == "qwen3_vl_moe" else 2 * layers * (steps - 1))  # MoE layers: compiled path
     if family != "qwen3_vl_moe":
         model = copy.deepcopy(ours)
         torch.manual_seed(0)

@@ -33,9 +33,22 @@ from minivl.text import decode_attention as decode_attention_reference  # the sa
 # programs: about 2 per SM (H100: 132 SMs). benchmarks/bench_decode_attention.py at 64 rows, H200, medians of 5
 # interleaved timings, µs a layer at Qwen3-VL-8B's / Qwen2.5-VL-3B's shape: blocks of 64 branched over when dead
 # 67.6 / 23.8; the branch-free loop over all blocks, 2 stages, 48.3 / 21.4; that loop from the first readable block
-# to the last only, 2 stages 38.7 / 19.7, with blocks of 32 and 3 stages 37.8 / 18.8 (SDPA: 62.8 / 24.6)
-CONFIG = {"BS": 32, "num_warps": 4, "programs": 264, "skip": False, "stages": 3, "scan": 1024}
-INTERPRET_CONFIG = {"BS": 16, "num_warps": 4, "programs": 8, "skip": False, "stages": 1, "scan": 32}  # CONFIG's loop
+# to the last only, 2 stages 38.7 / 19.7, with blocks of 32 and 3 stages 37.8 / 18.8 (SDPA: 62.8 / 24.6). At 3B
+# the 128 (row, head) pairs, one range each (no merge) and blocks of 64 ("BS_few", see ranges): 15.2 (session 10);
+# in the 64-row step of kernels/decode_rows.py 3.10 / 3.23 ms against 3.37 / 3.37 for 3 ranges of blocks of 32.
+CONFIG = {"BS": 32, "BS_few": 64, "num_warps": 4, "programs": 128, "skip": False, "stages": 3, "scan": 1024}
+INTERPRET_CONFIG = {"BS": 16, "BS_few": 16, "num_warps": 4, "programs": 8, "skip": False, "stages": 1,
+                    "scan": 32}  # CONFIG's loop
+
+
+def ranges(pairs, S, cfg):
+    """(BS, blocks per range, NS) for `pairs` (row, key/value head) pairs over S slots: about cfg["programs"] programs
+    in all, one range per pair once there are that many pairs. With no more pairs than that, an SM runs about one
+    program, and blocks of cfg["BS_few"] slots keep more bytes in flight than cfg["BS"] (measured: see CONFIG)."""
+    BS = cfg["BS"] if pairs > cfg["programs"] else cfg["BS_few"]
+    blocks = triton.cdiv(S, BS)
+    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(cfg["programs"], pairs))))
+    return BS, per_split, triton.cdiv(blocks, per_split)
 
 
 def decode_attention(q, k, v, mask):
@@ -56,10 +69,8 @@ def _decode_attention_triton(q, k, v, mask):
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
         raise ValueError("decode_attention: k and v must share strides, with contiguous head dims")
     cfg = CONFIG if q.is_cuda else INTERPRET_CONFIG
-    G, BS = H // K, cfg["BS"]
-    blocks = triton.cdiv(S, BS)
-    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(cfg["programs"], N * K))))  # blocks per range
-    NS = triton.cdiv(blocks, per_split)
+    G = H // K
+    BS, per_split, NS = ranges(N * K, S, cfg)
     q = q.contiguous().to(k.dtype)
     mask = mask.view(N, S).contiguous()
     out = torch.empty(N, H, 1, Dh, dtype=v.dtype, device=q.device)

@@ -148,7 +148,7 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
     mask (N, 1, 1, S) bool, the slots each row may read (the new one included); q_norm and k_norm (Dh,) for Qwen3."""
     if not use_triton(qkv, k_cache):
         return attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)
-    from kernels.decode_attention import CONFIG, INTERPRET_CONFIG, _merge_kernel
+    from kernels.decode_attention import CONFIG, INTERPRET_CONFIG, _merge_kernel, ranges
 
     N, K, S, Dh = k_cache.shape
     H = qkv.shape[-1] // Dh - 2 * K
@@ -160,10 +160,8 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
            "(N, 1, (H + 2K) * Dh) projections with K dividing H, cos and sin (N, 1, Dh), a bool mask (N, 1, 1, S)")
     _check("attend", Dh >= 16 and Dh & (Dh - 1) == 0, f"head dim {Dh} must be a power of two >= 16")
     cfg = CONFIG if qkv.is_cuda else INTERPRET_CONFIG
-    G, BS = H // K, cfg["BS"]
-    blocks = triton.cdiv(S, BS)
-    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(cfg["programs"], N * K))))  # blocks per range
-    NS = triton.cdiv(blocks, per_split)
+    G = H // K
+    BS, per_split, NS = ranges(N * K, S, cfg)
     out = torch.empty(N, H, 1, Dh, dtype=qkv.dtype, device=qkv.device)
     # each range's normalised output and its log2-sum-exp2; one range (many rows) writes `out` itself
     part = torch.empty(N, K, NS, G, Dh, dtype=torch.float32, device=qkv.device) if NS > 1 else out

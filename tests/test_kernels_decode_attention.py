@@ -106,3 +106,18 @@ def test_reference_twin_and_bad_shapes(triton_cpu, monkeypatch):
         da.decode_attention(q, k[:, :, :20], v, mask)  # k and v of different lengths
     with pytest.raises(ValueError, match="decode_attention"):
         da.decode_attention(torch.randn(2, 3, 1, 16), k, v, mask)  # 3 query heads over 2 key/value heads
+
+
+@pytest.mark.parametrize("cfg", ["CONFIG", "INTERPRET_CONFIG"])
+def test_ranges_cover_the_slots_once(cfg):
+    """decode_attention.ranges: every slot in exactly one range, no empty range; about cfg["programs"] programs, one
+    range per pair once the pairs reach that; the wider blocks only while the pairs are no more than that."""
+    cfg = getattr(da, cfg)
+    for pairs in (1, 2, 7, cfg["programs"], cfg["programs"] + 1, 4 * cfg["programs"]):
+        for S in (1, 15, 16, 100, 848, 5000):
+            BS, per, NS = da.ranges(pairs, S, cfg)
+            assert BS == (cfg["BS"] if pairs > cfg["programs"] else cfg["BS_few"])
+            assert (NS - 1) * per * BS < S <= NS * per * BS, (pairs, S)
+            assert NS == 1 or pairs * NS <= cfg["programs"] + pairs, (pairs, S)  # no more ranges than asked for
+            if pairs >= cfg["programs"]:
+                assert NS == 1

@@ -269,7 +269,8 @@ def bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args):
                                                         decode=decode), device, 3)
         step, S = decode_time(ours, batch, n, new, 1.0, device, decode=decode)
         kv_full, kv_live = kv_bytes(cfg, N, S), kv_bytes(cfg, N, T0 + new / 2)
-        say(f"b={N} minivl ({layer} layers, attention {attention}): {N * new / t_ours:.0f} tok/s (first call, compiling: "
+        say(f"b={N} minivl ({layer} layers, attention {attention}): {N * new / t_ours:.0f} tok/s (first call, "
+            f"compiling: "
             f"{t_first:.1f} s), decode {N / step:.0f} tok/s (step {step * 1e3:.2f} ms), TTFT {ttft * 1e3:.0f} ms, "
             f"peak {peak / 2**30:.2f} GiB; a step reads {weights / 1e9:.2f} GB weights + {kv_full / 1e9:.2f} GB "
             f"cache ({kv_live / 1e9:.2f} GB written so far, on average)")
@@ -339,7 +340,8 @@ def main():
     ap.add_argument("--attention-64", nargs="+", default=["auto"], choices=["auto", "sdpa", "math", "triton"],
                     help="b=64: DecodeOptions.attention of the compiled layer, a row each")
     ap.add_argument("--layer-64", nargs="+", default=["kernels"], choices=["kernels", "compiled"],
-                    help="b=64: DecodeOptions.layer, a row each (kernels: the row kernels; compiled: per --attention-64)")
+                    help="b=64: DecodeOptions.layer, a row each (kernels: the row kernels; compiled: per "
+                         "--attention-64)")
     ap.add_argument("--no-compile", action="store_true", help="capture the eager decode step (CUDA graph only)")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")

@@ -85,7 +85,8 @@ def main():
             live = (weights + kv_bytes(cfg, N, T0 + half)) / bandwidth * 1e3
             whole = (weights + kv_bytes(cfg, N, S)) / bandwidth * 1e3
             label = f"split-KV {split_kv.CONFIG}" if attention == "triton" else attention
-            print(f"\n## {name}, {N} rows, {layer} layers, attention {label}: step {ms:.3f} ms at slot ~{T0 + half} of {S}; floor "
+            print(f"\n## {name}, {N} rows, {layer} layers, attention {label}: step {ms:.3f} ms at slot "
+                  f"~{T0 + half} of {S}; floor "
                   f"{live:.3f} ms with the written cache ({100 * live / ms:.0f}%), {whole:.3f} ms with the whole "
                   f"cache; graph built in {dec.build_s:.1f} s; copy {bandwidth / 1e12:.2f} TB/s")
             say_profile(rows, ms, args.top)

@@ -9,8 +9,8 @@ cuBLAS's products and five Triton launches (six with the attention's merge), no 
 
 Why: at 64 rows q/k/v and gate/up are matrix products that cuBLAS streams near copy speed (benchmarks/NOTES_sampler.md,
 session 9: inductor's Triton templates were slower at every shape); o and down, whose output goes to a residual add,
-are split-K products here whose float32 partials that add sums (see split_linear). Around them, inductor's compiled layer made
-its own small kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose speed moved
+are split-K products here whose float32 partials that add sums (see split_linear). Around the products, inductor's
+compiled layer made its own small kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose speed moved
 between builds of the same code (the SiLU-mul kernel 70 or 192 us a step, H200), and it compiles again for every
 new cache length. Here the residual add rides in the next norm, and the rotary and the cache write ride in the
 attention: each program (row, key/value head, slot range) rotates its query heads itself, and the program whose
@@ -123,9 +123,9 @@ def split_linear(x, weight):
     per = triton.cdiv(triton.cdiv(K, max(1, programs // blocks)), BK) * BK  # inputs per range, whole BK steps
     P = triton.cdiv(K, per)
     part = torch.empty((P,) + x.shape[:-1] + (O,), dtype=torch.float32, device=x.device)
+    f32 = weight.dtype == torch.float32 or not x.is_cuda
     _partial_matmul_kernel[(blocks, P, triton.cdiv(M, BM))](x.contiguous(), weight, part, M, O, K, per, BM=BM, BN=BN,
-                                                           BK=BK, STAGES=stages, F32=weight.dtype == torch.float32 or not x.is_cuda,
-                                                           num_warps=4)
+                                                           BK=BK, STAGES=stages, F32=f32, num_warps=4)
     return part
 
 
@@ -181,12 +181,12 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
 def sample_record(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths, tokens, logprobs,
                   positions, logits_out):
     """The sampling tail of a step of N rows in three launches (sample_record_reference says what it does). Each
-    program of the first takes a chunk of a row's logits (N, V): it stores them as float32 into logits_out, scales
-    them by 1 / temperature, and leaves the chunk's maximum outside `banned` and its sum of exp(x - max), and the
+    program of the first takes a chunk of a row's logits (N, V): it stores them as float32 into logits_out, divides
+    them by the temperature, and leaves the chunk's maximum outside `banned` and its sum of exp(x - max), and the
     maximum of x + Gumbel noise (sampler.gumbel_noise: the same uniforms) and where it first occurs. Each program of
     the second combines a few rows' chunks (the log-sum-exp, the draw) and records their tokens, as
-    decode_layer.greedy_record does for one row; a third moves the step and the slot on. Compiled by inductor this tail was ~10 kernels, ~130 us of a 64-row
-    step (H200, benchmarks/NOTES_sampler.md, session 10)."""
+    decode_layer.greedy_record does for one row; a third moves the step and the slot on. Compiled by inductor this
+    tail was ~10 kernels, ~130 us of a 64-row step; these take ~92 (H200, benchmarks/NOTES_sampler.md, session 10)."""
     if not use_triton(logits, tokens):
         return sample_record_reference(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths,
                                        tokens, logprobs, positions, logits_out)
@@ -379,12 +379,13 @@ if triton_available():
         acc = tl.zeros([BM, BN], tl.float32)
         for k in tl.range(k_first, k_end, BK, num_stages=STAGES):
             cols = k + rk
-            x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], mask=(rm < M)[:, None] & (cols < k_end)[None, :],
-                        other=0.0)  # (BM, BK)
+            x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :],
+                        mask=(rm < M)[:, None] & (cols < k_end)[None, :], other=0.0)  # (BM, BK)
             w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + cols[None, :],
                         mask=(rn < N)[:, None] & (cols < k_end)[None, :], other=0.0)  # (BN, BK)
             if F32:  # float32 weights: IEEE float32 dots (not TF32), as cuBLAS's; and the CPU interpreter (bf16 dots)
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w))
-        tl.store(part_ptr + (ps * M + rm).to(tl.int64)[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+        tl.store(part_ptr + (ps * M + rm).to(tl.int64)[:, None] * N + rn[None, :], acc,
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])

@@ -29,10 +29,10 @@ Rows that produced an eos keep running (shapes are static) but their later token
 Vision tokens (<|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>, <|vision_pad|>) are never sampled
 (trl #3847).
 
-What it simplifies: attention reads the whole static cache every step, masked, rather than only the slots
-written so far. At batch 1 the cache is a few % of the weights' bytes; for GRPO batches (64 rows of ~800
-slots) it adds about 8% (3B) to 12% (8B) to a step's bytes (facts/performance.md §2, static-cache caveat).
-Qwen3-VL-MoE decodes without a CUDA graph (its routing has data-dependent shapes). No beam search, no
+What it simplifies: on the CPU (and with DecodeOptions attention "sdpa" or "math") attention reads the whole static
+cache every step, masked, rather than only the slots written so far (the Triton attention of CUDA's default reads
+the written ones only); for GRPO batches (64 rows of ~800 slots) the whole cache adds about 8% (3B) to 12% (8B) to a
+step's bytes (facts/performance.md §2, static-cache caveat). Qwen3-VL-MoE decodes without a CUDA graph (its routing has data-dependent shapes). No beam search, no
 repetition penalty, no stop strings.
 
 Shapes: B prompts, n answers per prompt, N = B*n rows, T0 prompt length (padding included), S cache slots,

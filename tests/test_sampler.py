@@ -263,6 +263,11 @@ def test_row_kernels_on_several_rows(pair, monkeypatch):
         assert torch.equal(out.tokens, ref.tokens) and (out.logprobs - ref.logprobs).abs().max() <= TOL
         assert len(tails) == (0 if family == "qwen3_vl_moe" else kernel_tails)
     assert len(calls) == (0 if family == "qwen3_vl_moe" else 2 * layers * (steps - 1))  # MoE layers: compiled path
+    eos = int(out.tokens[0, 2])  # rows that draw it end there, and pad after, as in the compiled tail
+    ended = minivl.generate(ours, batch, decode=decode, eos_token_id=eos, **kw)
+    ref = minivl.generate(ours, batch, decode=DECODE["fused"], eos_token_id=eos, **kw)
+    assert torch.equal(ended.tokens, ref.tokens) and torch.equal(ended.lengths, ref.lengths)
+    assert torch.equal(ended.truncated, ref.truncated) and int(ended.lengths[0]) <= 3 and not ended.truncated[0]
     if family != "qwen3_vl_moe":
         model = copy.deepcopy(ours)
         torch.manual_seed(0)

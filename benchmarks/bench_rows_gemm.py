@@ -3,6 +3,7 @@ F.linear against kernels/decode_rows.py's split-K partial products (float32 part
 per tile setting.
 
     python benchmarks/bench_rows_gemm.py          # GPU
+    python benchmarks/bench_rows_gemm.py --gated  # gate/up: cuBLAS on the fused copy + silu_mul vs gated_linear
 
 Each timing: 8 weight copies (more than L2 holds) called in turn inside one CUDA graph; µs per call, median.
 """
@@ -31,6 +32,42 @@ def partial(x, w, part, splits, BN, BK, stages, warps):
                                                                     STAGES=stages, num_warps=warps)
 
 
+def gated(args):
+    """gate/up + SiLU-mul: cuBLAS's product over a fused (2I, D) copy then decode_rows.silu_mul, against
+    decode_rows._gated_matmul_kernel reading gate and up where they are, per tile setting."""
+    for model, shapes in SHAPES.items():
+        N2, K = next((N, K) for name, N, K in shapes if name == "gate_up")
+        fused = [torch.randn(N2, K, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        halves = [w.chunk(2) for w in fused]
+        halves = [(g.contiguous(), u.contiguous()) for g, u in halves]
+        x = torch.randn(args.rows, 1, K, device="cuda", dtype=torch.bfloat16)
+        want = decode_rows.silu_mul(F.linear(x, fused[0])).float()
+        blas = bench_graph(lambda: [decode_rows.silu_mul(F.linear(x, w)) for w in fused]) / 8 * 1e3
+        results = []
+        for BN, BK, stages, warps in itertools.product(args.bn, args.bk, args.stages, args.warps):
+            out = torch.empty(args.rows, 1, N2 // 2, device="cuda", dtype=torch.bfloat16)
+
+            def run(g, u):
+                decode_rows._gated_matmul_kernel[(-(-N2 // 2 // BN), -(-args.rows // 64))](
+                    x, g, u, out, args.rows, N2 // 2, K, BM=64, BN=BN, BK=BK, STAGES=stages, F32=False,
+                    num_warps=warps)
+            try:
+                run(*halves[0])
+            except Exception as e:  # out of shared memory, say
+                print(f"  {BN},{BK},{stages},{warps}: {type(e).__name__}")
+                continue
+            err = (out.float() - want).abs().max().item()
+            us = bench_graph(lambda: [run(g, u) for g, u in halves]) / 8 * 1e3
+            results.append((us, BN, BK, stages, warps, err))
+        results.sort()
+        best = results[0][0]
+        print(f"{model} gate/up + SiLU-mul ({N2} x {K}): cuBLAS + silu_mul {blas:.1f} us; gated best {best:.1f} us "
+              f"({best / blas:.2f}x)")
+        for us, BN, BK, stages, warps, err in results[: args.top]:
+            print(f"   BN {BN} BK {BK} stages {stages} warps {warps}: {us:.1f} us, max err {err:.1e}")
+        del fused, halves
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=64)
@@ -40,8 +77,11 @@ def main():
     ap.add_argument("--stages", nargs="+", type=int, default=[3, 4])
     ap.add_argument("--warps", nargs="+", type=int, default=[4])
     ap.add_argument("--top", type=int, default=4)
+    ap.add_argument("--gated", action="store_true", help="gate/up + SiLU-mul instead of the split-K products")
     args = ap.parse_args()
     print(f"# bench_rows_gemm: {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {args.rows}")
+    if args.gated:
+        return gated(args)
     for model, shapes in SHAPES.items():
         for name, N, K in shapes:
             ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(8)]

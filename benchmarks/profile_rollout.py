@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--split", nargs="+", type=split_setting, default=[{}], metavar="KEY=INT[,KEY=INT]",
                     help="with the split-KV attention: changes to kernels/decode_attention.py's CONFIG, a variant each "
                          "(e.g. programs=128,BS=64; '' = CONFIG as it is)")
+    ap.add_argument("--fuse", nargs="+", default=["qkv,gate_up"],
+                    help="DecodeOptions.fuse, comma-joined, a variant each (e.g. 'qkv,gate_up' 'qkv')")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--tokens-64", type=int, default=512)
@@ -66,12 +68,13 @@ def main():
         cfg, model = build_model(name, device, args.smoke)
         batch = make_batch(cfg, args.prompts, device, torch.bfloat16, seed=2)
         N, T0, half = args.prompts * args.samples, batch["input_ids"].shape[1], args.tokens_64 // 2
-        variants = [(layer, a, c) for layer in args.layers
+        variants = [(layer, a, c, f) for layer in args.layers
                     for a in (["triton"] if layer == "kernels" else args.attention)
-                    for c in (args.split if a == "triton" else [{}])]
+                    for c in (args.split if a == "triton" else [{}]) for f in args.fuse]
         default_config = dict(split_kv.CONFIG)
-        for layer, attention, changes in variants:
-            decode = dataclasses.replace(sampler.DECODE, attention=attention, layer=layer)
+        for layer, attention, changes, fuse in variants:
+            fuse = tuple(filter(None, fuse.split(",")))
+            decode = dataclasses.replace(sampler.DECODE, attention=attention, layer=layer, fuse=fuse)
             split_kv.CONFIG.update(default_config, **changes)
             sampler.forget_compiled()
             with torch.no_grad():
@@ -85,6 +88,11 @@ def main():
             live = (weights + kv_bytes(cfg, N, T0 + half)) / bandwidth * 1e3
             whole = (weights + kv_bytes(cfg, N, S)) / bandwidth * 1e3
             label = f"split-KV {split_kv.CONFIG}" if attention == "triton" else attention
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                dec.step()
+                label += (f", fused {fuse} ({dec.fused_bytes / 2**30:.2f} GiB of copies), allocated "
+                          f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
             print(f"\n## {name}, {N} rows, {layer} layers, attention {label}: step {ms:.3f} ms at slot "
                   f"~{T0 + half} of {S}; floor "
                   f"{live:.3f} ms with the written cache ({100 * live / ms:.0f}%), {whole:.3f} ms with the whole "

@@ -9,8 +9,8 @@ cuBLAS's products and five Triton launches (six with the attention's merge), no 
 
 Why: at 64 rows q/k/v and gate/up are matrix products that cuBLAS streams near copy speed (benchmarks/NOTES_sampler.md,
 session 9: inductor's Triton templates were slower at every shape); o and down, whose output goes to a residual add,
-are split-K products here whose float32 partials that add sums (see split_linear). Around the products, inductor's
-compiled layer made its own small kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose speed moved
+are split-K products here whose float32 partials that add sums (see split_linear). Around the products,
+inductor's compiled layer made its own small kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose speed moved
 between builds of the same code (the SiLU-mul kernel 70 or 192 us a step, H200), and it compiles again for every
 new cache length. Here the residual add rides in the next norm, and the rotary and the cache write ride in the
 attention: each program (row, key/value head, slot range) rotates its query heads itself, and the program whose
@@ -48,6 +48,10 @@ def add_norm_reference(x, delta, weight, eps):
 
 def split_linear_reference(x, weight):
     return F.linear(x, weight)[None]  # one partial, the whole product
+
+
+def gated_linear_reference(x, gate_weight, up_weight):
+    return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
 
 
 def silu_mul_reference(gate_up):
@@ -127,6 +131,31 @@ def split_linear(x, weight):
     _partial_matmul_kernel[(blocks, P, triton.cdiv(M, BM))](x.contiguous(), weight, part, M, O, K, per, BM=BM, BN=BN,
                                                            BK=BK, STAGES=stages, F32=f32, num_warps=4)
     return part
+
+
+GATED_TILES = (64, 64, 4)  # (BN, BK, stages): bench_rows_gemm.py's best for gate/up as one product at 3B (H200)
+INTERPRET_GATED_TILES = (16, 32, 1)
+
+
+def gated_linear(x, gate_weight, up_weight):
+    """x (N, 1, D) -> SiLU(x @ G.T) * (x @ U.T), (N, 1, I), for gate and up weights G, U (I, D) read where they are:
+    no fused gate/up copy (decoder weights' bytes once more for the call: 3.2 GB at Qwen2.5-VL-3B). Each program
+    takes BN outputs of both and all rows, and writes the gated product itself (the roundings of PyTorch's: gate,
+    SiLU, up and the product each to the activation dtype)."""
+    if not use_triton(x, gate_weight, up_weight):
+        return gated_linear_reference(x, gate_weight, up_weight)
+    (I, D), M = gate_weight.shape, x.numel() // x.shape[-1]
+    _check("gated_linear", x.shape[-1] == D and up_weight.shape == (I, D) and gate_weight.is_contiguous()
+           and up_weight.is_contiguous(),
+           f"x {tuple(x.shape)}, gate {tuple(gate_weight.shape)}, up {tuple(up_weight.shape)}: want x (..., D) and "
+           "contiguous gate and up weights (I, D)")
+    BN, BK, stages = GATED_TILES if x.is_cuda else INTERPRET_GATED_TILES
+    BM = min(64, max(16, triton.next_power_of_2(M)))
+    out = torch.empty(x.shape[:-1] + (I,), dtype=x.dtype, device=x.device)
+    _gated_matmul_kernel[(triton.cdiv(I, BN), triton.cdiv(M, BM))](
+        x.contiguous(), gate_weight, up_weight, out, M, I, D, BM=BM, BN=BN, BK=BK, STAGES=stages,
+        F32=gate_weight.dtype == torch.float32 or not x.is_cuda, num_warps=4)
+    return out
 
 
 def silu_mul(gate_up):
@@ -388,4 +417,33 @@ if triton_available():
             else:
                 acc += tl.dot(x, tl.trans(w))
         tl.store(part_ptr + (ps * M + rm).to(tl.int64)[:, None] * N + rn[None, :], acc,
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    @triton.jit
+    def _gated_matmul_kernel(x_ptr, g_ptr, u_ptr, out_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr, STAGES: tl.constexpr, F32: tl.constexpr):
+        """out = SiLU(x @ G^T) * (x @ U^T): x (M, K), G and U (N, K), out (M, N). Program (output block, row block)."""
+        dtype = out_ptr.dtype.element_ty
+        rm, rn = tl.program_id(1) * BM + tl.arange(0, BM), tl.program_id(0) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc_g = tl.zeros([BM, BN], tl.float32)
+        acc_u = tl.zeros([BM, BN], tl.float32)
+        w_rows = rn.to(tl.int64)[:, None] * K
+        for k in tl.range(0, K, BK, num_stages=STAGES):
+            cols = k + rk
+            x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :],
+                        mask=(rm < M)[:, None] & (cols < K)[None, :], other=0.0)  # (BM, BK)
+            w_ok = (rn < N)[:, None] & (cols < K)[None, :]
+            g = tl.load(g_ptr + w_rows + cols[None, :], mask=w_ok, other=0.0)  # (BN, BK)
+            u = tl.load(u_ptr + w_rows + cols[None, :], mask=w_ok, other=0.0)
+            if F32:  # float32 weights: IEEE float32 dots; and the CPU interpreter (bf16 dots)
+                acc_g += tl.dot(x.to(tl.float32), tl.trans(g.to(tl.float32)), input_precision="ieee")
+                acc_u += tl.dot(x.to(tl.float32), tl.trans(u.to(tl.float32)), input_precision="ieee")
+            else:
+                acc_g += tl.dot(x, tl.trans(g))
+                acc_u += tl.dot(x, tl.trans(u))
+        gate = acc_g.to(dtype).to(tl.float32)  # each product's output rounded, as F.linear's
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        out = silu * acc_u.to(dtype).to(tl.float32)
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], out.to(dtype),
                  mask=(rm < M)[:, None] & (rn < N)[None, :])

@@ -398,18 +398,18 @@ def run_layer_kernels(layer, x, cos, sin, mask, layer_cache, fused):
 
 
 def rows_can_run(layer, fused):
-    """Whether run_layer_rows can take this layer: fused q/k/v and gate/up weights and plain o and down projections
-    (no LoRA adapter, a dense MLP), a head dim the attention's dots take."""
-    attn, head_dim = layer.self_attn, layer.self_attn.head_dim
-    return fused.qkv is not None and fused.gate_up is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0 \
-        and all(type(m) is nn.Linear and m.bias is None for m in (attn.o_proj, layer.mlp.down_proj))
+    """Whether run_layer_rows can take this layer: fused q/k/v weights, plain o, gate, up and down projections (no
+    LoRA adapter, a dense MLP), a head dim the attention's dots take."""
+    attn, mlp, head_dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
+    return fused.qkv is not None and type(mlp) is MLP and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and all(
+        type(m) is nn.Linear and m.bias is None for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
 
 def run_layer_rows(layer, x, delta, cos, sin, mask, layer_cache, fused):
     """run_layer for several rows: cuBLAS's products with kernels/decode_rows.py's launches between them. x (N, 1, D)
     is the residual stream without `delta`, the previous layer's MLP output as partial sums (P, N, 1, D) (None at the
     first layer), which this layer's first norm adds -> (x, delta) for the next layer."""
-    from kernels.decode_rows import add_norm, attend, silu_mul, split_linear
+    from kernels.decode_rows import add_norm, attend, gated_linear, silu_mul, split_linear
 
     attn, mlp, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
     x, h = add_norm(x, delta, norm.weight, norm.eps)
@@ -417,7 +417,11 @@ def run_layer_rows(layer, x, delta, cos, sin, mask, layer_cache, fused):
     qn, kn, eps = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
     a = attend(qkv, cos, sin, qn, kn, eps, layer_cache.k, layer_cache.v, layer_cache.positions, mask)  # (N,H,1,Dh)
     x, h = add_norm(x, split_linear(a.view(x.shape[0], 1, -1), attn.o_proj.weight), post.weight, post.eps)
-    return x, split_linear(silu_mul(F.linear(h, fused.gate_up)), mlp.down_proj.weight)  # (N, 1, D), (P, N, 1, D)
+    if fused.gate_up is None:  # no fused copy: gate/up and SiLU-mul in one kernel, from the weights where they are
+        act = gated_linear(h, mlp.gate_proj.weight, mlp.up_proj.weight)
+    else:
+        act = silu_mul(F.linear(h, fused.gate_up))  # (N, 1, I)
+    return x, split_linear(act, mlp.down_proj.weight)  # (N, 1, D), (P, N, 1, D)
 
 
 def step_outputs(model, state, x, sampling):

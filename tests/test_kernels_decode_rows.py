@@ -46,6 +46,20 @@ def test_split_linear(M, K, O, dtype, triton_cpu):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,D,I", [(5, 100, 37), (70, 64, 20), (2, 20, 5)])  # 70 rows: two blocks of 64
+def test_gated_linear(M, D, I, dtype, triton_cpu):
+    gen, seed = fresh_generator()
+    x = torch.randn(M, 1, D, generator=gen).mul(2).to(dtype)
+    g = (torch.randn(I, D, generator=gen) / D**0.5).to(dtype)
+    u = (torch.randn(I, D, generator=gen) / D**0.5).to(dtype)
+    got = dr.gated_linear(x, g, u)
+    gate, up = rnd(x.double() @ g.double().T, dtype), rnd(x.double() @ u.double().T, dtype)
+    want = rnd(rnd(torch.nn.functional.silu(gate), dtype) * up, dtype)
+    assert got.shape == (M, 1, I) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("I", [100, 32, 7])  # several blocks of the interpreter's 32 and a partial one; one; less
 def test_silu_mul(I, dtype, triton_cpu):
     gen, seed = fresh_generator()
@@ -116,6 +130,8 @@ def test_bad_shapes_are_named(triton_cpu):
         dr.add_norm(torch.randn(2, 1, 8), torch.randn(1, 2, 1, 6), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="add_norm"):  # a delta without its partials' dimension
         dr.add_norm(torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="gated_linear"):
+        dr.gated_linear(torch.randn(2, 1, 8), torch.randn(4, 8), torch.randn(5, 8))
     with pytest.raises(ValueError, match="split_linear"):
         dr.split_linear(torch.randn(2, 1, 8), torch.randn(4, 6))
     with pytest.raises(ValueError, match="silu_mul"):
@@ -141,9 +157,11 @@ def test_twins_agree(triton_cpu, monkeypatch):
     mask[..., 20] = True  # the new slot
     w = torch.randn(24, 40, generator=gen)
     got = [*dr.add_norm(x, d[None], nw, 1e-6), dr.silu_mul(gate_up), dr.split_linear(x, w).sum(0),
+           dr.gated_linear(x, w, w.flip(0)),
            dr.attend(qkv, cos, -cos, None, None, 0.0, *[c.clone() for c in caches], torch.tensor([20]), mask)]
     monkeypatch.setenv("MINIVL_KERNELS", "reference")
     want = [*dr.add_norm(x, d[None], nw, 1e-6), dr.silu_mul(gate_up), dr.split_linear(x, w).sum(0),
+            dr.gated_linear(x, w, w.flip(0)),
             dr.attend(qkv, cos, -cos, None, None, 0.0, *[c.clone() for c in caches], torch.tensor([20]), mask)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5, msg=f"seed {seed}")
@@ -177,6 +195,9 @@ build(dr._sample_record_kernel, dict(f_ptr="*fp32", at_ptr="*i32", logits_ptr=bf
       step_ptr="*i64", done_ptr="*i1", lengths_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32"),
       dict(N="i32", C="i32", V="i32", L="i32", NE="i32", pad_id="i32", temperature="fp32"),
       dict(RB=2, CP=64, NEP=2, GREEDY=False))
+for f32 in (False, True):
+    build(dr._gated_matmul_kernel, dict(x_ptr=bf, g_ptr=bf, u_ptr=bf, out_ptr=bf), dict(M="i32", N="i32", K="i32"),
+          dict(BM=64, BN=64, BK=64, STAGES=4, F32=f32))
 build(dr._advance_kernel, dict(step_ptr="*i64", positions_ptr="*i64"), {}, {})
 build(dr._partial_matmul_kernel, dict(x_ptr=bf, w_ptr=bf, part_ptr="*fp32"),
       dict(M="i32", N="i32", K="i32", K_PER_SPLIT="i32"), dict(BM=64, BN=64, BK=128, STAGES=4, F32=False))

@@ -1,19 +1,21 @@
-"""The small ops of a decode step of several rows, for the sampler (minivl/sampler.py): one decoder layer is two of
-cuBLAS's products and five Triton launches (six with the attention's merge), no inductor.
+"""The small ops of a decode step of several rows, for the sampler (minivl/sampler.py): one decoder layer is cuBLAS's
+q/k/v product and five Triton launches (six with the attention's merge), no inductor.
 
     x, h = add_norm(x, delta, input_norm_weight, eps)     # x += delta (the last layer's MLP), h = rmsnorm(x)
     qkv = F.linear(h, qkv_weight, qkv_bias)                # cuBLAS
     a = attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)  # rotary, cache write, split-KV
     x, h = add_norm(x, split_linear(a, o_weight), post_norm_weight, eps)          # o-proj as split-K partials
-    delta = split_linear(silu_mul(F.linear(h, gate_up_weight)), down_weight)      # summed by the next add_norm
+    act = gated_linear(h, gate_weight, up_weight)                                 # SiLU(gate) * up in one product
+    delta = split_linear(act, down_weight)                                        # summed by the next add_norm
 
-Why: at 64 rows q/k/v and gate/up are matrix products that cuBLAS streams near copy speed (benchmarks/NOTES_sampler.md,
-session 9: inductor's Triton templates were slower at every shape); o and down, whose output goes to a residual add,
-are split-K products here whose float32 partials that add sums (see split_linear). Around the products,
-inductor's compiled layer made its own small kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose speed moved
-between builds of the same code (the SiLU-mul kernel 70 or 192 us a step, H200), and it compiles again for every
-new cache length. Here the residual add rides in the next norm, and the rotary and the cache write ride in the
-attention: each program (row, key/value head, slot range) rotates its query heads itself, and the program whose
+Why: at 64 rows q/k/v is a matrix product that cuBLAS streams near copy speed (benchmarks/NOTES_sampler.md, session
+9: inductor's Triton templates were slower at every shape). o and down, whose output goes to a residual add, are
+split-K products here whose float32 partials that add sums (see split_linear); gate/up is one Triton product that
+reads both weights where they are and writes SiLU(gate) * up (see gated_linear). Around the products, inductor's
+compiled layer made its own small kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose
+speed moved between builds of the same code (the SiLU-mul kernel 70 or 192 us a step, H200), and it compiles again
+for every new cache length. Here the residual add rides in the next norm, and the rotary and the cache write ride in
+the attention: each program (row, key/value head, slot range) rotates its query heads itself, and the program whose
 range holds the new slot rotates the key and writes it and the value into the cache before it reads its range.
 The attention is kernels/decode_attention.py's split-KV loop (its CONFIG), so it reads only the written slots.
 
@@ -52,11 +54,6 @@ def split_linear_reference(x, weight):
 
 def gated_linear_reference(x, gate_weight, up_weight):
     return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
-
-
-def silu_mul_reference(gate_up):
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
@@ -133,13 +130,16 @@ def split_linear(x, weight):
     return part
 
 
-GATED_TILES = (64, 64, 4)  # (BN, BK, stages): bench_rows_gemm.py's best for gate/up as one product at 3B (H200)
+# (BN, BK, stages): `bench_rows_gemm.py --gated` on an H200, against cuBLAS over a fused gate/up copy + a SiLU-mul
+# kernel: 3B 25.9 vs 29.0 us, 8B 54.0 vs 54.6 (blocks of 64 outputs: 26.4 / 54.1). With it (at BN 64) the 64-row
+# step took 0.985x / 0.990x the time of the cuBLAS one, and the call's fused copies 0.35 / 1.69 GiB, not 3.38 / 8.44.
+GATED_TILES = (32, 64, 4)
 INTERPRET_GATED_TILES = (16, 32, 1)
 
 
 def gated_linear(x, gate_weight, up_weight):
     """x (N, 1, D) -> SiLU(x @ G.T) * (x @ U.T), (N, 1, I), for gate and up weights G, U (I, D) read where they are:
-    no fused gate/up copy (decoder weights' bytes once more for the call: 3.2 GB at Qwen2.5-VL-3B). Each program
+    no fused gate/up copy (3 GiB for the call at Qwen2.5-VL-3B, 6.8 at Qwen3-VL-8B). Each program
     takes BN outputs of both and all rows, and writes the gated product itself (the roundings of PyTorch's: gate,
     SiLU, up and the product each to the activation dtype)."""
     if not use_triton(x, gate_weight, up_weight):
@@ -155,19 +155,6 @@ def gated_linear(x, gate_weight, up_weight):
     _gated_matmul_kernel[(triton.cdiv(I, BN), triton.cdiv(M, BM))](
         x.contiguous(), gate_weight, up_weight, out, M, I, D, BM=BM, BN=BN, BK=BK, STAGES=stages,
         F32=gate_weight.dtype == torch.float32 or not x.is_cuda, num_warps=4)
-    return out
-
-
-def silu_mul(gate_up):
-    """gate_up (..., 2I): gate then up -> SiLU(gate) * up (..., I)."""
-    if not use_triton(gate_up):
-        return silu_mul_reference(gate_up)
-    I2 = gate_up.shape[-1]
-    _check("silu_mul", I2 % 2 == 0, f"gate_up {tuple(gate_up.shape)}: want an even last dim (gate, then up)")
-    gate_up = gate_up.contiguous()
-    out = torch.empty(gate_up.shape[:-1] + (I2 // 2,), dtype=gate_up.dtype, device=gate_up.device)
-    block = 1024 if gate_up.is_cuda else 32
-    _silu_mul_kernel[(gate_up.numel() // I2, triton.cdiv(I2 // 2, block))](gate_up, out, I2 // 2, BLOCK=block)
     return out
 
 
@@ -270,16 +257,6 @@ if triton_available():
         x = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         tl.store(h_ptr + row + cols, _normed_values(x, nw_ptr, cols, rstd, D, dtype).to(dtype), mask=cols < D)
-
-    @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, I, BLOCK: tl.constexpr):
-        dtype = out_ptr.dtype.element_ty
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        gate = tl.load(gu_ptr + row * 2 * I + cols, mask=cols < I, other=0.0).to(tl.float32)
-        up = tl.load(gu_ptr + row * 2 * I + I + cols, mask=cols < I, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * I + cols, (silu * up).to(dtype), mask=cols < I)
 
     @triton.jit
     def _attend_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr, slot_ptr, mask_ptr, part_ptr,

@@ -32,8 +32,8 @@ Vision tokens (<|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>, <
 What it simplifies: on the CPU (and with DecodeOptions attention "sdpa" or "math") attention reads the whole static
 cache every step, masked, rather than only the slots written so far (the Triton attention of CUDA's default reads
 the written ones only); for GRPO batches (64 rows of ~800 slots) the whole cache adds about 8% (3B) to 12% (8B) to a
-step's bytes (facts/performance.md §2, static-cache caveat). Qwen3-VL-MoE decodes without a CUDA graph (its routing has data-dependent shapes). No beam search, no
-repetition penalty, no stop strings.
+step's bytes (facts/performance.md §2, static-cache caveat). Qwen3-VL-MoE decodes without a CUDA graph (its routing
+has data-dependent shapes). No beam search, no repetition penalty, no stop strings.
 
 Shapes: B prompts, n answers per prompt, N = B*n rows, T0 prompt length (padding included), S cache slots,
 V vocabulary, L generated length.
@@ -67,8 +67,8 @@ class DecodeOptions:
     (H100, Qwen2.5-VL-3B / Qwen3-VL-8B shapes): at one row the kernel layers, 2.89 / 6.00 ms per step against 3.38 /
     6.92 ms for the best compiled layer in the same process (session 1's step: 4.39 / 7.45 ms); at 64 rows, the cache
     half written, the row kernels, 3.38 / 6.39 ms against 3.69 / 6.60 ms for the compiled layer with fused weights
-    and the split-KV attention (H200, profile_rollout.py). fuse=() saves the fused copies' memory (3.4 / 8.4 GiB
-    during a call of several rows) but leaves a step of several rows to the compiled layer."""
+    and the split-KV attention (H200, profile_rollout.py). For the compiled layer, fuse=() saves the fused copies'
+    memory (3.4 / 8.4 GiB during a call of several rows); the kernel layers fuse q/k/v only (0.35 / 1.69 GiB)."""
     attention: str = "auto"  # "sdpa"; "math": text.decode_attention, the T = 1 attention written out for
     # inductor; "triton": kernels/decode_attention.py, split-KV over the written slots only (CUDA, or the CPU under
     # TRITON_INTERPRET=1); "auto": math for a single row (3.36 vs 3.65 ms); for more, triton on CUDA when Triton
@@ -79,8 +79,8 @@ class DecodeOptions:
     # tuned Triton reductions instead of cuBLAS calls (torch/_inductor/decomposition.py, mm); compiles ~25 s
     layer: str = "kernels"  # a step of one row on CUDA runs each plain decoder layer as the six hand-written
     # Triton launches of kernels/decode_layer.py (run_layer_kernels, with its own fused q/k/v weight whatever
-    # `fuse` says); a step of several rows as cuBLAS's products with kernels/decode_rows.py's launches between
-    # them (run_layer_rows, with both `fuse` groups); "compiled": through run_layer and inductor
+    # `fuse` says); a step of several rows as cuBLAS's q/k/v product and kernels/decode_rows.py's launches
+    # (run_layer_rows, likewise); "compiled": through run_layer and inductor
 
     def __post_init__(self):
         if self.attention not in ("auto", "sdpa", "math", "triton") or not set(self.fuse) <= {"qkv", "gate_up"} \
@@ -316,8 +316,8 @@ def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, p
         banned=torch.tensor(vision_token_ids(cfg), **i64), eos=torch.tensor(eos, **i64),
         seed=torch.tensor(seed, **i64), pad_id=pad_id, decode=decode, fused=[])
     kernel_layers = decode.kernel_layers(state.token)
-    # run_layer_kernels reads gate and up from their own weights: no fused copy for them
-    state.fused = fuse_weights(model, ("qkv",) if kernel_layers else decode.fuse)
+    # run_layer_kernels and run_layer_rows read gate and up from their own weights: no fused copy for them
+    state.fused = fuse_weights(model, ("qkv",) if kernel_layers or decode.row_kernels(state.token) else decode.fuse)
     if kernel_layers and type(model.model.language_model.embed_tokens) is nn.Embedding:
         slots = (torch.arange(S, device=device) + state.delta).view(1, 1, S).expand(3, 1, S)  # text: t = h = w
         cos, sin = mrope_cos_sin(slots, text_cfg.head_dim, text_cfg.rope_theta, text_cfg.mrope_section,
@@ -406,10 +406,10 @@ def rows_can_run(layer, fused):
 
 
 def run_layer_rows(layer, x, delta, cos, sin, mask, layer_cache, fused):
-    """run_layer for several rows: cuBLAS's products with kernels/decode_rows.py's launches between them. x (N, 1, D)
+    """run_layer for several rows: cuBLAS's q/k/v product and kernels/decode_rows.py's launches. x (N, 1, D)
     is the residual stream without `delta`, the previous layer's MLP output as partial sums (P, N, 1, D) (None at the
     first layer), which this layer's first norm adds -> (x, delta) for the next layer."""
-    from kernels.decode_rows import add_norm, attend, gated_linear, silu_mul, split_linear
+    from kernels.decode_rows import add_norm, attend, gated_linear, split_linear
 
     attn, mlp, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
     x, h = add_norm(x, delta, norm.weight, norm.eps)
@@ -417,10 +417,7 @@ def run_layer_rows(layer, x, delta, cos, sin, mask, layer_cache, fused):
     qn, kn, eps = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
     a = attend(qkv, cos, sin, qn, kn, eps, layer_cache.k, layer_cache.v, layer_cache.positions, mask)  # (N,H,1,Dh)
     x, h = add_norm(x, split_linear(a.view(x.shape[0], 1, -1), attn.o_proj.weight), post.weight, post.eps)
-    if fused.gate_up is None:  # no fused copy: gate/up and SiLU-mul in one kernel, from the weights where they are
-        act = gated_linear(h, mlp.gate_proj.weight, mlp.up_proj.weight)
-    else:
-        act = silu_mul(F.linear(h, fused.gate_up))  # (N, 1, I)
+    act = gated_linear(h, mlp.gate_proj.weight, mlp.up_proj.weight)  # (N, 1, I)
     return x, split_linear(act, mlp.down_proj.weight)  # (N, 1, D), (P, N, 1, D)
 
 

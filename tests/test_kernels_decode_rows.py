@@ -59,18 +59,6 @@ def test_gated_linear(M, D, I, dtype, triton_cpu):
     torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=f"seed {seed}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("I", [100, 32, 7])  # several blocks of the interpreter's 32 and a partial one; one; less
-def test_silu_mul(I, dtype, triton_cpu):
-    gen, seed = fresh_generator()
-    gate_up = torch.randn(3, 1, 2 * I, generator=gen).mul(3).to(dtype)
-    gate, up = gate_up.double().chunk(2, dim=-1)
-    want = rnd(rnd(torch.nn.functional.silu(gate), dtype) * up, dtype)
-    got = dr.silu_mul(gate_up)
-    assert got.shape == (3, 1, I) and got.dtype == dtype
-    torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=f"seed {seed}")
-
-
 # (rows, H, K, Dh, S, slot): the interpreter's CONFIG aims at 8 programs, so 2 rows x 2 heads of 100 slots take 2
 # ranges each (merged), the new slot in the first; 4 rows x 2 heads one range (no merge); 3 rows x 1 head, 3 ranges
 # with the slot in the last; one block; Qwen3's GQA of 4 query heads a key/value head
@@ -134,8 +122,6 @@ def test_bad_shapes_are_named(triton_cpu):
         dr.gated_linear(torch.randn(2, 1, 8), torch.randn(4, 8), torch.randn(5, 8))
     with pytest.raises(ValueError, match="split_linear"):
         dr.split_linear(torch.randn(2, 1, 8), torch.randn(4, 6))
-    with pytest.raises(ValueError, match="silu_mul"):
-        dr.silu_mul(torch.randn(2, 1, 7))
     cache = torch.zeros(2, 1, 4, 16)
     args = (torch.randn(2, 1, 48), torch.ones(2, 1, 16), torch.ones(2, 1, 16), None, None, 1e-6)
     with pytest.raises(ValueError, match="attend"):  # a mask of the wrong length
@@ -149,18 +135,17 @@ def test_twins_agree(triton_cpu, monkeypatch):
     """The PyTorch twins that the CPU path runs give what the kernels give (float32)."""
     gen, seed = fresh_generator()
     x, d, nw = torch.randn(3, 1, 40, generator=gen), torch.randn(3, 1, 40, generator=gen), torch.rand(40) + 0.5
-    gate_up = torch.randn(3, 1, 60, generator=gen)
     N, H, K, Dh, S = 3, 4, 2, 16, 30
     qkv, cos = torch.randn(N, 1, (H + 2 * K) * Dh, generator=gen), torch.randn(N, 1, Dh, generator=gen)
     caches = [torch.randn(N, K, S, Dh, generator=gen) for _ in range(2)]
     mask = torch.rand(N, 1, 1, S, generator=gen) > 0.3
     mask[..., 20] = True  # the new slot
     w = torch.randn(24, 40, generator=gen)
-    got = [*dr.add_norm(x, d[None], nw, 1e-6), dr.silu_mul(gate_up), dr.split_linear(x, w).sum(0),
+    got = [*dr.add_norm(x, d[None], nw, 1e-6), dr.split_linear(x, w).sum(0),
            dr.gated_linear(x, w, w.flip(0)),
            dr.attend(qkv, cos, -cos, None, None, 0.0, *[c.clone() for c in caches], torch.tensor([20]), mask)]
     monkeypatch.setenv("MINIVL_KERNELS", "reference")
-    want = [*dr.add_norm(x, d[None], nw, 1e-6), dr.silu_mul(gate_up), dr.split_linear(x, w).sum(0),
+    want = [*dr.add_norm(x, d[None], nw, 1e-6), dr.split_linear(x, w).sum(0),
             dr.gated_linear(x, w, w.flip(0)),
             dr.attend(qkv, cos, -cos, None, None, 0.0, *[c.clone() for c in caches], torch.tensor([20]), mask)]
     for g, w in zip(got, want):
@@ -181,7 +166,6 @@ bf = "*bf16"
 for parts in (0, 4):
     build(dr._add_norm_kernel, dict(x_ptr=bf, d_ptr="*fp32", nw_ptr=bf, out_ptr=bf, h_ptr=bf),
           dict(D="i32", numel="i32", eps="fp32"), dict(BLOCK=2048, PARTS=parts))
-build(dr._silu_mul_kernel, dict(gu_ptr=bf, out_ptr=bf), dict(I="i32"), dict(BLOCK=1024))
 for qk_norm, ns in ((False, 3), (True, 1)):
     pointers = {n: bf for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "qn_ptr", "kn_ptr", "kc_ptr", "vc_ptr", "out_ptr")}
     pointers.update(slot_ptr="*i64", mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32")

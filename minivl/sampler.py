@@ -66,9 +66,10 @@ class DecodeOptions:
     by benchmarks/profile_decode.py (results: benchmarks/NOTES_sampler.md). The defaults are the fastest measured
     (H100, Qwen2.5-VL-3B / Qwen3-VL-8B shapes): at one row the kernel layers, 2.89 / 6.00 ms per step against 3.38 /
     6.92 ms for the best compiled layer in the same process (session 1's step: 4.39 / 7.45 ms); at 64 rows, the cache
-    half written, the row kernels, 3.38 / 6.39 ms against 3.69 / 6.60 ms for the compiled layer with fused weights
-    and the split-KV attention (H200, profile_rollout.py). For the compiled layer, fuse=() saves the fused copies'
-    memory (3.4 / 8.4 GiB during a call of several rows); the kernel layers fuse q/k/v only (0.35 / 1.69 GiB)."""
+    half written, the row kernels' first version, 3.38 / 6.39 ms against 3.69 / 6.60 ms for the compiled layer with
+    fused weights and the split-KV attention (H200, profile_rollout.py; the row kernels now: 3.08 / 6.20 ms). For the
+    compiled layer, fuse=() saves the fused copies' memory (3.4 / 8.4 GiB during a call of several rows); the kernel
+    layers fuse q/k/v only (0.35 / 1.69 GiB)."""
     attention: str = "auto"  # "sdpa"; "math": text.decode_attention, the T = 1 attention written out for
     # inductor; "triton": kernels/decode_attention.py, split-KV over the written slots only (CUDA, or the CPU under
     # TRITON_INTERPRET=1); "auto": math for a single row (3.36 vs 3.65 ms); for more, triton on CUDA when Triton
@@ -465,8 +466,8 @@ def greedy_record_kernel(state, logits):
 
 
 def sample_record_kernel(state, logits, sampling):
-    """step_sample for several rows and no top-k or top-p in two launches (kernels/decode_rows.py): inductor made
-    ~10 kernels of it, ~130 us of a 64-row step (H200, benchmarks/NOTES_sampler.md, session 10)."""
+    """step_sample for several rows and no top-k or top-p in three launches (kernels/decode_rows.py): inductor made
+    ~10 kernels of it, ~130 us of a 64-row step, against ~92 (H200, benchmarks/NOTES_sampler.md, session 10)."""
     from kernels.decode_rows import sample_record
 
     sample_record(logits, sampling.temperature, state.banned, state.eos, state.pad_id, state.seed, state.token,

@@ -263,6 +263,9 @@ def test_row_kernels_on_several_rows(pair, monkeypatch):
         assert torch.equal(out.tokens, ref.tokens) and (out.logprobs - ref.logprobs).abs().max() <= TOL
         assert len(tails) == (0 if family == "qwen3_vl_moe" else kernel_tails)
     assert len(calls) == (0 if family == "qwen3_vl_moe" else 2 * layers * (steps - 1))  # MoE layers: compiled path
+    with torch.no_grad():  # the row kernels read gate and up where they are: no fused copy of them for the call
+        state = sampler.prefill(ours, batch, n, steps, sampler.Sampling(0.9), [], 0, 3, decode=decode)
+    assert all(f.gate_up is None and f.qkv is not None for f in state.fused)
     eos = int(out.tokens[0, 2])  # rows that draw it end there, and pad after, as in the compiled tail
     ended = minivl.generate(ours, batch, decode=decode, eos_token_id=eos, **kw)
     ref = minivl.generate(ours, batch, decode=DECODE["fused"], eos_token_id=eos, **kw)

@@ -238,7 +238,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.decode_attention import _attend_blocks, _store_range
+    from kernels.decode_attention import _attend_range
     from kernels.decode_layer import _normed_values, _rope_heads
 
     @triton.jit
@@ -283,17 +283,8 @@ if triton_available():
             tl.store(kc_ptr + kv + slot * DH + rg[:, None] * 0 + rd[None, :], k_new, mask=(rg < 1)[:, None])
             tl.store(vc_ptr + kv + slot * DH + rd, tl.load(row + (H + K + kh) * DH + rd))
             tl.debug_barrier()  # the block loads below, by other threads of the program, must see them
-        m_i = tl.zeros([GP], tl.float32) - float("inf")  # the online softmax of decode_attention._split_kernel
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DH], tl.float32)
-        m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr + n * S, kv, first, S, DH, qk_scale, m_i, l_i,
-                                       acc, 0, PER_SPLIT, DH, BS, F32, False, STAGES, SCAN)
-        if NS == 1:  # no merge: out (N, H, 1, DH); a row with no readable slot gets 0
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=(rg < G)[:, None])
-        else:
-            _store_range(acc, l_i, m_i, part_ptr, lse_ptr, nk * NS + split, G, GP, DH)
+        _attend_range(q, kc_ptr, vc_ptr, mask_ptr + n * S, kv, first, S, DH, qk_scale, out_ptr, part_ptr, lse_ptr,
+                      nk, split, G, GP, DH, BS, PER_SPLIT, NS, F32, False, STAGES, SCAN)  # decode_attention's range
 
     @triton.jit
     def _hash32(x):

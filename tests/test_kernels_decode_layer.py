@@ -7,7 +7,7 @@ weight, the SiLU or a residual fails.
 import pytest
 import torch
 
-from helpers import fresh_generator, import_interpreted
+from helpers import compile_for_h100, fresh_generator, import_interpreted
 
 dl = import_interpreted("kernels.decode_layer", "_norm_matvec_kernel")  # first (see helpers.import_interpreted)
 
@@ -251,16 +251,7 @@ def test_twins_agree(triton_cpu, monkeypatch):
 
 
 COMPILE_FOR_H100 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import kernels.decode_layer as dl
-
-def build(fn, pointers, scalars, constexprs):
-    sig = dict(pointers, **scalars, **{k: "constexpr" for k in constexprs})
-    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
-
-bf = "*bf16"
 for gated in (False, True):
     build(dl._norm_matvec_kernel, {n: bf for n in ("x_ptr", "nw_ptr", "w_ptr", "u_ptr", "b_ptr", "y_ptr")},
           dict(O="i32", D="i32", eps="fp32"),
@@ -287,7 +278,6 @@ for skip, stages, ns in ((True, 1, 9), (False, 3, 9), (True, 1, 1), (False, 3, 1
     build(da._split_kernel, dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32",
           out_ptr=bf), dict(S="i32", s_n="i32", s_k="i32", s_s="i32", qk_scale="fp32"),
           dict(K=2, G=8, GP=16, DH=128, BS=64, PER_SPLIT=4, NS=ns, F32=False, SKIP=skip, STAGES=stages, SCAN=1024))
-print("compiled")
 """
 
 
@@ -295,14 +285,4 @@ def test_kernels_compile_for_an_h100():
     """The interpreter runs what the GPU compiler rejects (a variable that changes dtype inside an `if` did, once):
     compile every decode kernel (these and decode_attention's split kernel, whose range loop they share) for sm_90
     with bf16 arguments, the sampler's case, without a GPU."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
-        pytest.skip("Triton's bundled ptxas is missing")
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    compile_for_h100(COMPILE_FOR_H100)

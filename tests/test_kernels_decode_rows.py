@@ -3,7 +3,7 @@ TRITON_INTERPRET=1, with the rounding points of the bf16 layer made explicit as 
 import pytest
 import torch
 
-from helpers import fresh_generator, import_interpreted
+from helpers import compile_for_h100, fresh_generator, import_interpreted
 
 import_interpreted("kernels.decode_attention", "_split_kernel")  # first: the modules below import its functions
 import_interpreted("kernels.decode_layer", "_norm_matvec_kernel")
@@ -153,16 +153,7 @@ def test_twins_agree(triton_cpu, monkeypatch):
 
 
 COMPILE_FOR_H100 = """
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import triton
 import kernels.decode_rows as dr
-
-def build(fn, pointers, scalars, constexprs):
-    sig = dict(pointers, **scalars, **{k: "constexpr" for k in constexprs})
-    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
-
-bf = "*bf16"
 for parts in (0, 4):
     build(dr._add_norm_kernel, dict(x_ptr=bf, d_ptr="*fp32", nw_ptr=bf, out_ptr=bf, h_ptr=bf),
           dict(D="i32", numel="i32", eps="fp32"), dict(BLOCK=2048, PARTS=parts))
@@ -185,23 +176,12 @@ for f32 in (False, True):
 build(dr._advance_kernel, dict(step_ptr="*i64", positions_ptr="*i64"), {}, {})
 build(dr._partial_matmul_kernel, dict(x_ptr=bf, w_ptr=bf, part_ptr="*fp32"),
       dict(M="i32", N="i32", K="i32", K_PER_SPLIT="i32"), dict(BM=64, BN=64, BK=128, STAGES=4, F32=False))
-print("compiled")
 """
 
 
 def test_kernels_compile_for_an_h100():
     """The interpreter runs what the GPU compiler rejects: compile these kernels for sm_90 with bf16 arguments."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
-        pytest.skip("Triton's bundled ptxas is missing")
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    compile_for_h100(COMPILE_FOR_H100)
 
 
 def rows_state(N, L, step, done):

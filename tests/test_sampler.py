@@ -180,12 +180,23 @@ def test_fused_weights_skip_lora_and_follow_updates(pair):
     assert not torch.equal(adapted, before) and torch.equal(greedy(fused), adapted)
 
 
+def lora_layer_falls_back(ours, batch, layer, decode, **kw):
+    """Generate with a LoRA adapter on decoder layer `layer` of a copy of the model, through `decode` (whose kernel
+    layers cannot take that layer): the tokens equal the compiled SDPA layer's."""
+    from minivl import lora
+
+    model = copy.deepcopy(ours)
+    torch.manual_seed(0)
+    lora.inject(model, [n for n in lora.select_linear(model) if f".layers.{layer}." in n], r=4, alpha=8,
+                init_weights=False)
+    adapted = minivl.generate(model, batch, decode=decode, **kw)
+    assert torch.equal(adapted.tokens, minivl.generate(model, batch, decode=DECODE["sdpa"], **kw).tokens)
+
+
 def test_kernel_layers_on_one_row(pair, monkeypatch):
     """DecodeOptions(layer="kernels"): a one-row step runs each plain layer as kernels/decode_layer.py's kernels
     (Triton's interpreter here). Greedy tokens equal transformers', every step's logits equal a full forward, a
     layer with a LoRA adapter falls back to the compiled layer function."""
-    from minivl import lora
-
     family, hf, ours = pair
     image = (1, 8, 8)
     ids, mask = left_pad([text(4, 1) + vision_block(image) + text(6, 2)])
@@ -231,23 +242,15 @@ def test_kernel_layers_on_one_row(pair, monkeypatch):
     assert (torch.stack(logits, 1) - full[:, ids.shape[1] - 1 : -1].float()).abs().max() <= TOL
 
     if family != "qwen3_vl_moe":
-        model = copy.deepcopy(ours)
-        torch.manual_seed(0)
-        lora.inject(model, [n for n in lora.select_linear(model) if ".layers.0." in n], r=4, alpha=8,
-                    init_weights=False)
         calls.clear()
-        adapted = minivl.generate(model, batch, max_new_tokens=steps, temperature=0.0, decode=decode)
-        assert torch.equal(adapted.tokens, minivl.generate(model, batch, max_new_tokens=steps, temperature=0.0,
-                                                           decode=DECODE["sdpa"]).tokens)
+        lora_layer_falls_back(ours, batch, 0, decode, max_new_tokens=steps, temperature=0.0)
         assert len(calls) == (layers - 1) * (steps - 1)  # layer 0 has LoRA
 
 
 def test_row_kernels_on_several_rows(pair, monkeypatch):
-    """DecodeOptions(layer="kernels") with several rows: each plain layer runs as run_layer_rows (cuBLAS's products,
-    kernels/decode_rows.py between them; Triton's interpreter here). Sampled tokens and log-probs equal the compiled
+    """DecodeOptions(layer="kernels") with several rows: each plain layer runs as run_layer_rows (cuBLAS's q/k/v product
+    and kernels/decode_rows.py's launches; Triton's interpreter here). Sampled tokens and log-probs equal the compiled
     layer's, and a layer with a LoRA adapter falls back to the compiled layer function."""
-    from minivl import lora
-
     family, hf, ours = pair
     batch, n, steps, layers = make_batch(family), 2, 6, len(ours.model.language_model.layers)
     decode = use_decode("rows", monkeypatch)
@@ -272,13 +275,8 @@ def test_row_kernels_on_several_rows(pair, monkeypatch):
     assert torch.equal(ended.tokens, ref.tokens) and torch.equal(ended.lengths, ref.lengths)
     assert torch.equal(ended.truncated, ref.truncated) and int(ended.lengths[0]) <= 3 and not ended.truncated[0]
     if family != "qwen3_vl_moe":
-        model = copy.deepcopy(ours)
-        torch.manual_seed(0)
-        lora.inject(model, [n for n in lora.select_linear(model) if ".layers.1." in n], r=4, alpha=8,
-                    init_weights=False)
         calls.clear()
-        adapted = minivl.generate(model, batch, decode=decode, **kw)
-        assert torch.equal(adapted.tokens, minivl.generate(model, batch, decode=DECODE["sdpa"], **kw).tokens)
+        lora_layer_falls_back(ours, batch, 1, decode, **kw)
         assert len(calls) == (layers - 1) * (steps - 1)  # layer 1 has LoRA: the one before hands it x + delta
 
 

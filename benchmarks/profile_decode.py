@@ -84,8 +84,10 @@ def build_model(name, device, smoke):
 class Decoder:
     """One variant's decode state and step: a CUDA graph replay on the GPU, the eager step on the CPU."""
 
-    def __init__(self, model, batch, n, new_tokens, sampling, decode, device):
+    def __init__(self, model, batch, n, new_tokens, sampling, decode, device, share_prompt=True):
         self.state = sampler.prefill(model, batch, n, new_tokens, sampling, [], 0, 0, decode=decode)
+        if not share_prompt:  # every row reads its own copy of the prompt (as before KVCache.shared)
+            self.state.cache.shared = (1, 0)
         fused = [t for f in self.state.fused for t in f if t is not None]
         self.fused_bytes = sum(t.numel() * t.element_size() for t in fused)
         start = time.perf_counter()

@@ -50,6 +50,8 @@ def main():
                          "(e.g. programs=128,BS=64; '' = CONFIG as it is)")
     ap.add_argument("--fuse", nargs="+", default=["qkv,gate_up"],
                     help="DecodeOptions.fuse, comma-joined, a variant each (e.g. 'qkv,gate_up' 'qkv')")
+    ap.add_argument("--share", nargs="+", default=["on"], choices=["on", "off"],
+                    help="the row kernels read a prompt's slots from its first copy (KVCache.shared), a variant each")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--tokens-64", type=int, default=512)
@@ -68,17 +70,19 @@ def main():
         cfg, model = build_model(name, device, args.smoke)
         batch = make_batch(cfg, args.prompts, device, torch.bfloat16, seed=2)
         N, T0, half = args.prompts * args.samples, batch["input_ids"].shape[1], args.tokens_64 // 2
-        variants = [(layer, a, c, f) for layer in args.layers
+        variants = [(layer, a, c, f, share) for layer in args.layers
                     for a in (["triton"] if layer == "kernels" else args.attention)
-                    for c in (args.split if a == "triton" else [{}]) for f in args.fuse]
+                    for c in (args.split if a == "triton" else [{}]) for f in args.fuse
+                    for share in (args.share if layer == "kernels" else ["on"])]
         default_config = dict(split_kv.CONFIG)
-        for layer, attention, changes, fuse in variants:
+        for layer, attention, changes, fuse, share in variants:
             fuse = tuple(filter(None, fuse.split(",")))
             decode = dataclasses.replace(sampler.DECODE, attention=attention, layer=layer, fuse=fuse)
             split_kv.CONFIG.update(default_config, **changes)
             sampler.forget_compiled()
             with torch.no_grad():
-                dec = Decoder(model, batch, args.samples, args.tokens_64, sampler.Sampling(1.0), decode, device)
+                dec = Decoder(model, batch, args.samples, args.tokens_64, sampler.Sampling(1.0), decode, device,
+                              share_prompt=share == "on")
                 for _ in range(half - args.replays // 2):
                     dec.step()
                 ms = median_ms(dec.step, device, args.replays)
@@ -93,6 +97,7 @@ def main():
                 dec.step()
                 label += (f", fused {fuse} ({dec.fused_bytes / 2**30:.2f} GiB of copies), allocated "
                           f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            label += f", shared prompt {share}"
             print(f"\n## {name}, {N} rows, {layer} layers, attention {label}: step {ms:.3f} ms at slot "
                   f"~{T0 + half} of {S}; floor "
                   f"{live:.3f} ms with the written cache ({100 * live / ms:.0f}%), {whole:.3f} ms with the whole "

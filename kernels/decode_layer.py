@@ -443,7 +443,7 @@ if triton_available():
         acc = tl.zeros([GP, DH], tl.float32)
         if tl.max(live.to(tl.int32), axis=0) > 0:
             m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
-        m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr, kv, first, S, DH, qk_scale, m_i, l_i, acc,
+        m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr, kv, kv, 0, first, S, DH, qk_scale, m_i, l_i, acc,
                                        1, PER_SPLIT, DH, BS, F32, True, 1, BS)  # the branching loop, tuned here
         _store_range(acc, l_i, m_i, part_ptr, lse_ptr, kh * NS + split, G, GP, DH)
 

@@ -56,9 +56,10 @@ def gated_linear_reference(x, gate_weight, up_weight):
     return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
 
 
-def attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
+def attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, shared=(1, 0)):
     """decode_layer.attend_reference, row by row: qkv (N, 1, (H + 2K) Dh), cos and sin (N, 1, Dh), caches
-    (N, K, S, Dh), mask (N, 1, 1, S) -> (N, H, 1, Dh)."""
+    (N, K, S, Dh), mask (N, 1, 1, S) -> (N, H, 1, Dh). Each row reads its own cache (`shared` only says which rows
+    hold copies)."""
     return torch.cat([attend_reference(qkv[n:n + 1], cos[n:n + 1], sin[n:n + 1], q_norm, k_norm, eps,
                                        k_cache[n:n + 1], v_cache[n:n + 1], slot, mask[n:n + 1])
                       for n in range(qkv.shape[0])])
@@ -158,12 +159,15 @@ def gated_linear(x, gate_weight, up_weight):
     return out
 
 
-def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
+def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, shared=(1, 0)):
     """qkv (N, 1, (H + 2K) Dh) -> attention output (N, H, 1, Dh); writes the rotated key and the value of every row
     into the caches (N, K, S, Dh) at `slot` (1,). cos and sin (N, 1, Dh), sin signed as minivl.text.signed_sin;
-    mask (N, 1, 1, S) bool, the slots each row may read (the new one included); q_norm and k_norm (Dh,) for Qwen3."""
+    mask (N, 1, 1, S) bool, the slots each row may read (the new one included); q_norm and k_norm (Dh,) for Qwen3.
+    shared = (n, T0): the cache's first T0 slots are alike in each run of n rows (the n answers of one prompt,
+    sampler.prefill), so every row reads them from the first of its run. Why: at 64 rows of 8 answers the prompt is
+    about half of the slots read; read once and then from L2, the step reads that much less from memory."""
     if not use_triton(qkv, k_cache):
-        return attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)
+        return attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, shared)
     from kernels.decode_attention import CONFIG, INTERPRET_CONFIG, _merge_kernel, ranges
 
     N, K, S, Dh = k_cache.shape
@@ -175,6 +179,9 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
            f"{tuple(v_cache.shape)}, mask {tuple(mask.shape)} {mask.dtype}: want contiguous (N, K, S, Dh) caches, "
            "(N, 1, (H + 2K) * Dh) projections with K dividing H, cos and sin (N, 1, Dh), a bool mask (N, 1, 1, S)")
     _check("attend", Dh >= 16 and Dh & (Dh - 1) == 0, f"head dim {Dh} must be a power of two >= 16")
+    group, prompt = shared
+    _check("attend", group >= 1 and N % group == 0 and 0 <= prompt <= S,
+           f"shared {shared}: want (n, T0) with n dividing the {N} rows and T0 at most the {S} slots")
     cfg = CONFIG if qkv.is_cuda else INTERPRET_CONFIG
     G = H // K
     BS, per_split, NS = ranges(N * K, S, cfg)
@@ -185,9 +192,10 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
     _attend_rows_kernel[(N * K, NS)](
         qkv.contiguous(), cos.contiguous(), sin.contiguous(), q_norm if q_norm is not None else cos,
         k_norm if k_norm is not None else cos, k_cache, v_cache, slot, mask.view(N, S).contiguous(), part, lse, out,
-        S, eps, Dh**-0.5 * math.log2(math.e), H=H, K=K, G=G, GP=max(16, triton.next_power_of_2(G)), DH=Dh, BS=BS,
-        PER_SPLIT=per_split, NS=NS, QK_NORM=q_norm is not None, F32=k_cache.dtype == torch.float32 or not qkv.is_cuda,
-        STAGES=cfg["stages"], SCAN=cfg["scan"], num_warps=cfg["num_warps"])
+        S, group, prompt, eps, Dh**-0.5 * math.log2(math.e), H=H, K=K, G=G, GP=max(16, triton.next_power_of_2(G)),
+        DH=Dh, BS=BS, PER_SPLIT=per_split, NS=NS, QK_NORM=q_norm is not None,
+        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, STAGES=cfg["stages"], SCAN=cfg["scan"],
+        num_warps=cfg["num_warps"])
     if NS > 1:
         _merge_kernel[(N * H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), PDL=False,
                                 num_warps=4)
@@ -260,10 +268,10 @@ if triton_available():
 
     @triton.jit
     def _attend_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr, slot_ptr, mask_ptr, part_ptr,
-                            lse_ptr, out_ptr, S, eps, qk_scale, H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
-                            GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, PER_SPLIT: tl.constexpr,
-                            NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr, STAGES: tl.constexpr,
-                            SCAN: tl.constexpr):
+                            lse_ptr, out_ptr, S, group, prompt, eps, qk_scale, H: tl.constexpr, K: tl.constexpr,
+                            G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
+                            PER_SPLIT: tl.constexpr, NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr,
+                            STAGES: tl.constexpr, SCAN: tl.constexpr):
         nk, split = tl.program_id(0), tl.program_id(1)  # (row, key/value head), slot range
         n, kh = nk // K, nk % K
         rg, rd = tl.arange(0, GP), tl.arange(0, DH)
@@ -272,6 +280,7 @@ if triton_available():
         cos = tl.load(cos_ptr + n * DH + rd).to(tl.float32)
         sin = tl.load(sin_ptr + n * DH + rd).to(tl.float32)
         kv = (n.to(tl.int64) * K + kh) * S * DH  # caches (N, K, S, DH) contiguous
+        kv_lead = ((n // group * group).to(tl.int64) * K + kh) * S * DH  # the first row of n's run: its prompt
         first = split * PER_SPLIT * BS
         slot = tl.load(slot_ptr)
         # the G query heads of this key/value head, rotated
@@ -283,8 +292,9 @@ if triton_available():
             tl.store(kc_ptr + kv + slot * DH + rg[:, None] * 0 + rd[None, :], k_new, mask=(rg < 1)[:, None])
             tl.store(vc_ptr + kv + slot * DH + rd, tl.load(row + (H + K + kh) * DH + rd))
             tl.debug_barrier()  # the block loads below, by other threads of the program, must see them
-        _attend_range(q, kc_ptr, vc_ptr, mask_ptr + n * S, kv, first, S, DH, qk_scale, out_ptr, part_ptr, lse_ptr,
-                      nk, split, G, GP, DH, BS, PER_SPLIT, NS, F32, False, STAGES, SCAN)  # decode_attention's range
+        _attend_range(q, kc_ptr, vc_ptr, mask_ptr + n * S, kv, kv_lead, prompt, first, S, DH, qk_scale, out_ptr,
+                      part_ptr, lse_ptr, nk, split, G, GP, DH, BS, PER_SPLIT, NS, F32, False, STAGES,
+                      SCAN)  # decode_attention's range
 
     @triton.jit
     def _hash32(x):

@@ -305,6 +305,7 @@ def prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, p
         v[:, :, :T0] = pv.repeat_interleave(n, dim=0)
     del prompt_cache
     cache.positions = torch.full((1,), T0, device=device)
+    cache.shared = (n, T0)  # the row kernels read a prompt's slots from its first copy
     key_valid = torch.ones(N, S, dtype=torch.bool, device=device)
     key_valid[:, :T0] = attention_mask.bool().repeat_interleave(n, dim=0)
     i64 = dict(dtype=torch.long, device=device)
@@ -334,6 +335,7 @@ class LayerCache:
 
     def __init__(self, cache, layer):
         self.k, self.v, self.positions = cache.k[layer], cache.v[layer], cache.positions
+        self.shared = cache.shared
 
     def update(self, layer, k, v):
         self.k.index_copy_(2, self.positions, k)  # (N, K, S, Dh) written at the current slot
@@ -416,7 +418,8 @@ def run_layer_rows(layer, x, delta, cos, sin, mask, layer_cache, fused):
     x, h = add_norm(x, delta, norm.weight, norm.eps)
     qkv = F.linear(h, fused.qkv, fused.qkv_bias)  # (N, 1, (H + 2K) * Dh)
     qn, kn, eps = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
-    a = attend(qkv, cos, sin, qn, kn, eps, layer_cache.k, layer_cache.v, layer_cache.positions, mask)  # (N,H,1,Dh)
+    a = attend(qkv, cos, sin, qn, kn, eps, layer_cache.k, layer_cache.v, layer_cache.positions, mask,
+               layer_cache.shared)  # (N, H, 1, Dh)
     x, h = add_norm(x, split_linear(a.view(x.shape[0], 1, -1), attn.o_proj.weight), post.weight, post.eps)
     act = gated_linear(h, mlp.gate_proj.weight, mlp.up_proj.weight)  # (N, 1, I)
     return x, split_linear(act, mlp.down_proj.weight)  # (N, 1, D), (P, N, 1, D)

@@ -130,6 +130,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.positions = None
+        self.shared = (1, 0)  # (n, T0): slots 0..T0-1 alike in each run of n rows (the sampler's copied prompts)
 
     def update(self, layer, k, v):
         self.k[layer].index_copy_(2, self.positions, k)  # (B, K, S_max, Dh) written at T slots

@@ -113,6 +113,44 @@ def test_attend(case, qk_norm, dtype, triton_cpu):
     assert torch.equal(v_cache[:, :, others].nan_to_num(7), before[1][:, :, others].nan_to_num(7))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(6, 3, 40, 70), (4, 2, 16, 16), (4, 4, 97, 99)])
+def test_attend_reads_a_shared_prompt_from_its_first_copy(case, dtype, triton_cpu):
+    """shared = (n, T0): each row reads slots below T0 from the first row of its run of n. The other rows' prompt
+    slots hold NaN here, so reading them anywhere would show; the answer slots are each row's own."""
+    N, n, T0, slot = case
+    H, K, Dh, S = 4, 2, 16, 100
+    gen, seed = fresh_generator()
+    qkv = torch.randn(N, 1, (H + 2 * K) * Dh, generator=gen).to(dtype)
+    angle = torch.randn(N, Dh // 2, generator=gen).repeat(1, 2)
+    cos, sin = angle.cos().to(dtype).view(N, 1, Dh), angle.sin().to(dtype)
+    sin = torch.cat([-sin[:, : Dh // 2], sin[:, Dh // 2:]], dim=-1).view(N, 1, Dh)
+    k_cache = torch.randn(N, K, S, Dh, generator=gen).to(dtype)
+    v_cache = torch.randn(N, K, S, Dh, generator=gen).to(dtype)
+    pads = [(5 * (r // n)) % max(1, T0) for r in range(N)]  # a prompt's left padding, alike in its run
+    mask = torch.stack([(torch.arange(S) >= p) & (torch.arange(S) <= slot) for p in pads])  # (N, S)
+    copies = [r for r in range(N) if r % n]
+    k_cache[copies, :, :T0], v_cache[copies, :, :T0] = float("nan"), float("nan")
+    before = k_cache.clone(), v_cache.clone()
+    want = [k_cache.clone(), v_cache.clone()]
+    for r in copies:  # what the copies would hold
+        for c in want:
+            c[r, :, :T0] = c[r - r % n, :, :T0]
+
+    out = dr.attend(qkv, cos, sin, None, None, 1e-6, k_cache, v_cache, torch.tensor([slot]), mask.view(N, 1, 1, S),
+                    shared=(n, T0))
+    ref = dr.attend_rows_reference(qkv, cos, sin, None, None, 1e-6, *want, torch.tensor([slot]),
+                                   mask.view(N, 1, 1, S))
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref.double(), **tol, msg=f"seed {seed}")
+    assert not out.isnan().any()
+    others = [i for i in range(S) if i != slot]  # the copies' prompt slots are left as they were
+    assert torch.equal(k_cache[:, :, others].nan_to_num(7), before[0][:, :, others].nan_to_num(7))
+    with pytest.raises(ValueError, match="attend"):  # runs that do not divide the rows
+        dr.attend(qkv, cos, sin, None, None, 1e-6, k_cache, v_cache, torch.tensor([slot]), mask.view(N, 1, 1, S),
+                  shared=(N + 1, T0))
+
+
 def test_bad_shapes_are_named(triton_cpu):
     with pytest.raises(ValueError, match="add_norm"):
         dr.add_norm(torch.randn(2, 1, 8), torch.randn(1, 2, 1, 6), torch.ones(8), 1e-6)
@@ -160,7 +198,7 @@ for parts in (0, 4):
 for qk_norm, ns in ((False, 3), (True, 1)):
     pointers = {n: bf for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "qn_ptr", "kn_ptr", "kc_ptr", "vc_ptr", "out_ptr")}
     pointers.update(slot_ptr="*i64", mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32")
-    build(dr._attend_rows_kernel, pointers, dict(S="i32", eps="fp32", qk_scale="fp32"),
+    build(dr._attend_rows_kernel, pointers, dict(S="i32", group="i32", prompt="i32", eps="fp32", qk_scale="fp32"),
           dict(H=16, K=2, G=8, GP=16, DH=128, BS=32, PER_SPLIT=9, NS=ns, QK_NORM=qk_norm, F32=False, STAGES=3,
                SCAN=1024))
 build(dr._sample_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",

@@ -23,9 +23,9 @@ Columns:
                  The copy bandwidth (read + write) is measured in the same run.
   TTFT           generate with max_new_tokens=1.
   peak           max_memory_allocated during the call minus what was allocated before it (the weights).
-Checks: greedy tokens equal transformers' in float32 on 2-layer cuts of both shapes, 2 prompts and 1 (the compiled,
-graph-captured path, on the GPU); with the bf16 full models, the length of the common greedy prefix (bf16
-rounding differs between the two implementations, so long answers may part).
+Checks: greedy tokens equal transformers' in float32 on 2-layer cuts of both shapes, 2 prompts (1 and 4 answers
+each) and 1 (the compiled, graph-captured path, on the GPU); with the bf16 full models, the length of the common
+greedy prefix (bf16 rounding differs between the two implementations, so long answers may part).
 """
 
 import argparse
@@ -178,11 +178,14 @@ def check_float32(name, device, new_tokens):
     with torch.no_grad():
         ref = hf_generate(hf, cfg, batch, new_tokens, do_sample=False)
         out = minivl_generate(ours, batch, new_tokens, temperature=0.0)
+        # 4 answers a prompt: 8 rows, which read each prompt from its first copy (KVCache.shared)
+        out_n = minivl_generate(ours, batch, new_tokens, temperature=0.0, num_return_sequences=4)
         one = make_batch(cfg, 1, device, torch.float32, seed=2)  # one row: the step's kernel layers (DECODE.layer)
         ref_one = hf_generate(hf, cfg, one, new_tokens, do_sample=False)
         out_one = minivl_generate(ours, one, new_tokens, temperature=0.0)
-    equal = torch.equal(out.tokens, ref) and torch.equal(out_one.tokens, ref_one)
-    say(f"check {name} float32 2 layers, 2 prompts x {new_tokens} greedy tokens, then 1 prompt: "
+    equal = (torch.equal(out.tokens, ref) and torch.equal(out_n.tokens, ref.repeat_interleave(4, 0))
+             and torch.equal(out_one.tokens, ref_one))
+    say(f"check {name} float32 2 layers, 2 prompts (1 and 4 answers each) x {new_tokens} greedy tokens, then 1: "
         f"{'EQUAL' if equal else 'DIFFERENT'} (common prefix {common_prefix(out.tokens[0], ref[0])}, "
         f"{common_prefix(out.tokens[1], ref[1])}; {common_prefix(out_one.tokens[0], ref_one[0])})")
     del hf, ours

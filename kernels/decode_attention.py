@@ -107,45 +107,50 @@ if triton_available():
         # the G query heads of key/value head kh: q is (N, K*G, 1, DH) contiguous
         q = tl.load(q_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], mask=(rg < G)[:, None], other=0.0)  # (GP, DH)
         kv = n.to(tl.int64) * s_n + kh * s_k
-        _attend_range(q, k_ptr, v_ptr, mask_ptr + n * S, kv, split * PER_SPLIT * BS, S, s_s, qk_scale, out_ptr,
+        _attend_range(q, k_ptr, v_ptr, mask_ptr + n * S, kv, kv, 0, split * PER_SPLIT * BS, S, s_s, qk_scale, out_ptr,
                       part_ptr, lse_ptr, nk, split, G, GP, DH, BS, PER_SPLIT, NS, F32, SKIP, STAGES, SCAN)
 
     @triton.jit
-    def _attend_range(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, out_ptr, part_ptr, lse_ptr, nk, split,
+    def _attend_range(q, k_ptr, v_ptr, mask_ptr, kv, kv_lead, shared, first, S, s_s, qk_scale, out_ptr, part_ptr,
+                      lse_ptr, nk, split,
                       G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, PER_SPLIT: tl.constexpr,
                       NS: tl.constexpr, F32: tl.constexpr, SKIP: tl.constexpr, STAGES: tl.constexpr,
                       SCAN: tl.constexpr):
         """q (GP, DH), the G query heads of (row, key/value head) nk, over the range `split` of slots from `first`:
-        with one range, the output out (N, H, 1, DH) in its dtype; else the range's partial and log-sum-exp."""
+        with one range, the output out (N, H, 1, DH) in its dtype; else the range's partial and log-sum-exp. Slots
+        below `shared` are read at offset kv_lead instead of kv (see _attend_blocks)."""
         rg, rd = tl.arange(0, GP), tl.arange(0, DH)
         m_i = tl.zeros([GP], tl.float32) - float("inf")  # running max of the base-2 scores
         l_i = tl.zeros([GP], tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([GP, DH], tl.float32)
-        m_i, l_i, acc = _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, m_i, l_i, acc, 0,
+        m_i, l_i, acc = _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, kv_lead, shared, first, S, s_s, qk_scale, m_i,
+                                       l_i, acc, 0,
                                        PER_SPLIT, DH, BS, F32, SKIP, STAGES, SCAN)
         if NS == 1:  # no merge; a row with no readable slot gets 0
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(out_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], out.to(out_ptr.dtype.element_ty),
                      mask=(rg < G)[:, None])
         else:
-            _store_range(acc, l_i, m_i, part_ptr, lse_ptr, (nk * NS + split) * G + rg, rg < G, DH)
+            _store_range(acc, l_i, m_i, part_ptr, lse_ptr, nk * NS + split, G, GP, DH)
 
     @triton.jit
-    def _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, first, S, s_s, qk_scale, m_i, l_i, acc,
+    def _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, kv_lead, shared, first, S, s_s, qk_scale, m_i, l_i, acc,
                        START: tl.constexpr, PER_SPLIT: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
                        F32: tl.constexpr, SKIP: tl.constexpr, STAGES: tl.constexpr, SCAN: tl.constexpr):
         """The online softmax (m_i, l_i, acc) carried over blocks START..PER_SPLIT-1 of the range. Also
         kernels/decode_layer.py's attention, which does block 0 itself. SKIP: a block nobody may read is
         branched over. Else the loop has no branch, so Triton pipelines it STAGES deep, and runs from the
         range's first readable block to its last, found by reading the mask SCAN slots at a time (a dead slot
-        between them is loaded under its mask: no bytes)."""
+        between them is loaded under its mask: no bytes). Slots below `shared` are read at offset kv_lead, not kv:
+        rows that hold copies of one prompt read that prompt from the first copy, so the copies' reads hit L2."""
         rd, rs = tl.arange(0, DH), tl.arange(0, BS)
         if SKIP:
             for b in range(START, PER_SPLIT):
                 slots = first + b * BS + rs  # (BS,)
                 live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
                 if tl.max(live.to(tl.int32), axis=0) > 0:  # skip blocks nobody may read: no k/v bytes for them
-                    offs = kv + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
+                    base = tl.where(slots < shared, kv_lead, kv)  # (BS,)
+                    offs = base[:, None] + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
                     k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)
                     v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
                     m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
@@ -154,7 +159,8 @@ if triton_available():
             for b in tl.range(lo, hi, num_stages=STAGES):
                 slots = first + b * BS + rs  # (BS,)
                 live = tl.load(mask_ptr + slots, mask=slots < S, other=0).to(tl.int1)  # (BS,)
-                offs = kv + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
+                base = tl.where(slots < shared, kv_lead, kv)  # (BS,): a shared prompt's slots from its first copy
+                offs = base[:, None] + slots[:, None] * s_s + rd[None, :]  # (BS, DH)
                 k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)
                 v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
                 m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
@@ -197,14 +203,12 @@ if triton_available():
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
 
     @triton.jit
-    def _store_range(acc, l_i, m_i, part_ptr, lse_ptr, idx, ok, DH: tl.constexpr):
-        """A range's online softmax (rows of acc (R, DH)) as partial rows idx (R,) of part (.., DH) and lse; ok (R,)
-        says which rows are real query heads."""
-        rd = tl.arange(0, DH)
+    def _store_range(acc, l_i, m_i, part_ptr, lse_ptr, row, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr):
+        rg, rd = tl.arange(0, GP), tl.arange(0, DH)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a range with no live slot: 0, weight 0 in the merge
-        tl.store(part_ptr + idx.to(tl.int64)[:, None] * DH + rd[None, :], out, mask=ok[:, None])
+        tl.store(part_ptr + (row * G + rg)[:, None] * DH + rd[None, :], out, mask=(rg < G)[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))  # -inf: no live slot here
-        tl.store(lse_ptr + idx, lse, mask=ok)
+        tl.store(lse_ptr + row * G + rg, lse, mask=rg < G)
 
     @triton.jit
     def _wait_for_previous_kernel(PDL: tl.constexpr):

@@ -391,8 +391,7 @@ if triton_available():
     @triton.jit
     def _rope_heads(ptr, row_ok, rd, swap, cos, sin, nw_ptr, eps, DH: tl.constexpr, QK_NORM: tl.constexpr):
         """Rows of heads at ptr (row r at ptr + r * DH; row_ok (R, 1)) -> rotated (R, DH) in the cache dtype, with
-        text.apply_rotary's roundings (and Qwen3's per-head RMSNorm first). cos and sin: (1, DH), or (R, DH) for rows
-        at different positions."""
+        text.apply_rotary's roundings (and Qwen3's per-head RMSNorm first)."""
         dtype = ptr.dtype.element_ty
         x = tl.load(ptr + rd[None, :], mask=row_ok, other=0.0).to(tl.float32)  # (R, DH)
         xs = tl.load(ptr + swap[None, :], mask=row_ok, other=0.0).to(tl.float32)  # rotate-half partner [x2, x1]
@@ -401,7 +400,7 @@ if triton_available():
             x = ((x * rstd).to(dtype).to(tl.float32) * tl.load(nw_ptr + rd)[None, :].to(tl.float32)).to(dtype)
             xs = ((xs * rstd).to(dtype).to(tl.float32) * tl.load(nw_ptr + swap)[None, :].to(tl.float32)).to(dtype)
             x, xs = x.to(tl.float32), xs.to(tl.float32)
-        return ((x * cos).to(dtype).to(tl.float32) + xs * sin).to(dtype)  # mul, then addcmul
+        return ((x * cos[None, :]).to(dtype).to(tl.float32) + xs * sin[None, :]).to(dtype)  # mul, then addcmul
 
     @triton.jit
     def _attend_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr, slot_ptr, mask_ptr, part_ptr,
@@ -423,8 +422,8 @@ if triton_available():
         v = tl.load(vc_ptr + offs, mask=live[:, None], other=0.0)
         _wait_for_previous_kernel(PDL)
         swap = (rd + DH // 2) % DH
-        cos = tl.load(cos_ptr + rd).to(tl.float32)[None, :]  # (1, DH)
-        sin = tl.load(sin_ptr + rd).to(tl.float32)[None, :]
+        cos = tl.load(cos_ptr + rd).to(tl.float32)
+        sin = tl.load(sin_ptr + rd).to(tl.float32)
         slot = tl.load(slot_ptr)
         # the G query heads of this key/value head, rotated: q is qkv's first H * DH
         q = _rope_heads(qkv_ptr + (kh * G + rg)[:, None] * DH, (rg < G)[:, None], rd, swap, cos, sin, qn_ptr,
@@ -444,9 +443,9 @@ if triton_available():
         acc = tl.zeros([GP, DH], tl.float32)
         if tl.max(live.to(tl.int32), axis=0) > 0:
             m_i, l_i, acc = _attend_block(q, k, v, live, m_i, l_i, acc, qk_scale, F32)
-        m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr, kv, first, S, DH, qk_scale, m_i, l_i, acc,
+        m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr, kv, kv, 0, first, S, DH, qk_scale, m_i, l_i, acc,
                                        1, PER_SPLIT, DH, BS, F32, True, 1, BS)  # the branching loop, tuned here
-        _store_range(acc, l_i, m_i, part_ptr, lse_ptr, (kh * NS + split) * G + rg, rg < G, DH)
+        _store_range(acc, l_i, m_i, part_ptr, lse_ptr, kh * NS + split, G, GP, DH)
 
     @triton.jit
     def _step_inputs_kernel(token_ptr, embed_ptr, slot_ptr, cos_t_ptr, sin_t_ptr, valid_ptr, x_ptr, cos_ptr,

@@ -159,19 +159,13 @@ def gated_linear(x, gate_weight, up_weight):
     return out
 
 
-# query rows of one prompt program's tile: the 8 answers' 8 query heads a key/value head at Qwen2.5-VL-3B
-PROMPT_ROWS = 64
-
-
 def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, shared=(1, 0)):
     """qkv (N, 1, (H + 2K) Dh) -> attention output (N, H, 1, Dh); writes the rotated key and the value of every row
     into the caches (N, K, S, Dh) at `slot` (1,). cos and sin (N, 1, Dh), sin signed as minivl.text.signed_sin;
     mask (N, 1, 1, S) bool, the slots each row may read (the new one included); q_norm and k_norm (Dh,) for Qwen3.
     shared = (n, T0): the cache's first T0 slots are alike in each run of n rows (the n answers of one prompt,
-    sampler.prefill). Then one program takes the prompt's slots for all the query heads of a key/value head of the
-    run (a team of rows, at most PROMPT_ROWS queries), reading them once, and each row's programs take only its own
-    slots; the merge weighs the two. Why: at 64 rows of 8 answers the prompt is about half of the slots read, and a
-    row's G query heads fill a tensor-core tile only partly (G = 4 or 8 of 16 rows)."""
+    sampler.prefill), so every row reads them from the first of its run. Why: at 64 rows of 8 answers the prompt is
+    about half of the slots read; read once and then from L2, the step reads that much less from memory."""
     if not use_triton(qkv, k_cache):
         return attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, shared)
     from kernels.decode_attention import CONFIG, INTERPRET_CONFIG, _merge_kernel, ranges
@@ -190,26 +184,18 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, sha
            f"shared {shared}: want (n, T0) with n dividing the {N} rows and T0 at most the {S} slots")
     cfg = CONFIG if qkv.is_cuda else INTERPRET_CONFIG
     G = H // K
-    team = min(group, max(1, PROMPT_ROWS // G))  # rows whose prompt one program reads: a tile of <= PROMPT_ROWS
-    while group % team:
-        team -= 1
-    prompt = prompt if team > 1 else 0  # nothing shared: each row reads all its slots itself
-    BS, per_split, NA = ranges(N * K, S - prompt, cfg)  # each row's own slots, prompt..S-1
-    pairs = N // team * K  # (team, key/value head)
-    blocks = triton.cdiv(prompt, BS)
-    prompt_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(cfg["programs"] // 2, pairs)))) if prompt else 1
-    NS = NA + triton.cdiv(blocks, prompt_split)  # ranges a query head's output is merged from
+    BS, per_split, NS = ranges(N * K, S, cfg)
     out = torch.empty(N, H, 1, Dh, dtype=qkv.dtype, device=qkv.device)
     # each range's normalised output and its log2-sum-exp2; one range (many rows) writes `out` itself
     part = torch.empty(N, K, NS, G, Dh, dtype=torch.float32, device=qkv.device) if NS > 1 else out
     lse = torch.empty(N, K, NS, G, dtype=torch.float32, device=qkv.device) if NS > 1 else out
-    _attend_rows_kernel[(N * K * NA + pairs * (NS - NA),)](
+    _attend_rows_kernel[(N * K, NS)](
         qkv.contiguous(), cos.contiguous(), sin.contiguous(), q_norm if q_norm is not None else cos,
         k_norm if k_norm is not None else cos, k_cache, v_cache, slot, mask.view(N, S).contiguous(), part, lse, out,
-        N, S, team, prompt, eps, Dh**-0.5 * math.log2(math.e), H=H, K=K, G=G, GP=max(16, triton.next_power_of_2(G)),
-        TP=max(16, triton.next_power_of_2(team * G)), DH=Dh, BS=BS, PER_SPLIT=per_split, PROMPT_SPLIT=prompt_split,
-        NA=NA, NS=NS, QK_NORM=q_norm is not None, F32=k_cache.dtype == torch.float32 or not qkv.is_cuda,
-        STAGES=cfg["stages"], SCAN=cfg["scan"], num_warps=cfg["num_warps"])
+        S, group, prompt, eps, Dh**-0.5 * math.log2(math.e), H=H, K=K, G=G, GP=max(16, triton.next_power_of_2(G)),
+        DH=Dh, BS=BS, PER_SPLIT=per_split, NS=NS, QK_NORM=q_norm is not None,
+        F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, STAGES=cfg["stages"], SCAN=cfg["scan"],
+        num_warps=cfg["num_warps"])
     if NS > 1:
         _merge_kernel[(N * H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), PDL=False,
                                 num_warps=4)
@@ -260,7 +246,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.decode_attention import _attend_blocks, _attend_range, _store_range
+    from kernels.decode_attention import _attend_range
     from kernels.decode_layer import _normed_values, _rope_heads
 
     @triton.jit
@@ -282,39 +268,20 @@ if triton_available():
 
     @triton.jit
     def _attend_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr, slot_ptr, mask_ptr, part_ptr,
-                            lse_ptr, out_ptr, N, S, team, prompt, eps, qk_scale, H: tl.constexpr, K: tl.constexpr,
-                            G: tl.constexpr, GP: tl.constexpr, TP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
-                            PER_SPLIT: tl.constexpr, PROMPT_SPLIT: tl.constexpr, NA: tl.constexpr, NS: tl.constexpr,
-                            QK_NORM: tl.constexpr, F32: tl.constexpr, STAGES: tl.constexpr, SCAN: tl.constexpr):
-        """The first N * K * NA programs: (row, key/value head, range of the slots from `prompt` on); then, when
-        teams of rows share a prompt, (team, key/value head, range of the prompt's slots)."""
-        pid = tl.program_id(0)
-        if pid < N * K * NA:
-            _attend_own_slots(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr, slot_ptr, mask_ptr, part_ptr,
-                              lse_ptr, out_ptr, pid // NA, pid % NA, S, prompt, eps, qk_scale, H, K, G, GP, DH, BS,
-                              PER_SPLIT, NS, QK_NORM, F32, STAGES, SCAN)
-        else:
-            p = pid - N * K * NA
-            _attend_prompt(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kc_ptr, vc_ptr, mask_ptr, part_ptr, lse_ptr,
-                           p // (NS - NA), NA + p % (NS - NA), S, team, prompt, eps, qk_scale, H, K, G, TP, DH, BS,
-                           PROMPT_SPLIT, NA, NS, QK_NORM, F32, STAGES, SCAN)
-
-    @triton.jit
-    def _attend_own_slots(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr, slot_ptr, mask_ptr, part_ptr,
-                          lse_ptr, out_ptr, nk, split, S, prompt, eps, qk_scale, H: tl.constexpr, K: tl.constexpr,
-                          G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
-                          PER_SPLIT: tl.constexpr, NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr,
-                          STAGES: tl.constexpr, SCAN: tl.constexpr):
-        """Row n's G query heads of key/value head kh (nk = n * K + kh) over range `split` of its slots from
-        `prompt` on; the program whose range holds the new slot writes the new key and value first."""
+                            lse_ptr, out_ptr, S, group, prompt, eps, qk_scale, H: tl.constexpr, K: tl.constexpr,
+                            G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
+                            PER_SPLIT: tl.constexpr, NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr,
+                            STAGES: tl.constexpr, SCAN: tl.constexpr):
+        nk, split = tl.program_id(0), tl.program_id(1)  # (row, key/value head), slot range
         n, kh = nk // K, nk % K
         rg, rd = tl.arange(0, GP), tl.arange(0, DH)
         swap = (rd + DH // 2) % DH
         row = qkv_ptr + n.to(tl.int64) * (H + 2 * K) * DH  # this row's q (H heads), k (K), v (K)
-        cos = tl.load(cos_ptr + n * DH + rd).to(tl.float32)[None, :]  # (1, DH)
-        sin = tl.load(sin_ptr + n * DH + rd).to(tl.float32)[None, :]
+        cos = tl.load(cos_ptr + n * DH + rd).to(tl.float32)
+        sin = tl.load(sin_ptr + n * DH + rd).to(tl.float32)
         kv = (n.to(tl.int64) * K + kh) * S * DH  # caches (N, K, S, DH) contiguous
-        first = prompt + split * PER_SPLIT * BS
+        kv_lead = ((n // group * group).to(tl.int64) * K + kh) * S * DH  # the first row of n's run: its prompt
+        first = split * PER_SPLIT * BS
         slot = tl.load(slot_ptr)
         # the G query heads of this key/value head, rotated
         q = _rope_heads(row + (kh * G + rg)[:, None] * DH, (rg < G)[:, None], rd, swap, cos, sin, qn_ptr, eps, DH,
@@ -325,35 +292,9 @@ if triton_available():
             tl.store(kc_ptr + kv + slot * DH + rg[:, None] * 0 + rd[None, :], k_new, mask=(rg < 1)[:, None])
             tl.store(vc_ptr + kv + slot * DH + rd, tl.load(row + (H + K + kh) * DH + rd))
             tl.debug_barrier()  # the block loads below, by other threads of the program, must see them
-        _attend_range(q, kc_ptr, vc_ptr, mask_ptr + n * S, kv, first, S, DH, qk_scale, out_ptr, part_ptr, lse_ptr,
-                      nk, split, G, GP, DH, BS, PER_SPLIT, NS, F32, False, STAGES, SCAN)  # decode_attention's range
-
-    @triton.jit
-    def _attend_prompt(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kc_ptr, vc_ptr, mask_ptr, part_ptr, lse_ptr, tk, split,
-                       S, team, prompt, eps, qk_scale, H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
-                       TP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, PROMPT_SPLIT: tl.constexpr,
-                       NA: tl.constexpr, NS: tl.constexpr, QK_NORM: tl.constexpr, F32: tl.constexpr,
-                       STAGES: tl.constexpr, SCAN: tl.constexpr):
-        """The query heads of key/value head kh of all `team` rows of team t (tk = t * K + kh), one tile of TP rows,
-        over range `split` - NA of the prompt's slots, read once from the team's first row: partial `split`."""
-        t, kh = tk // K, tk % K
-        rt, rd = tl.arange(0, TP), tl.arange(0, DH)
-        swap = (rd + DH // 2) % DH
-        ok = rt < team * G
-        n = t * team + rt // G  # (TP,) the row of each query: head kh * G + rt % G
-        heads = qkv_ptr + n.to(tl.int64)[:, None] * (H + 2 * K) * DH + (kh * G + rt % G)[:, None] * DH  # (TP, 1)
-        cos = tl.load(cos_ptr + n[:, None] * DH + rd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (TP, DH)
-        sin = tl.load(sin_ptr + n[:, None] * DH + rd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        q = _rope_heads(heads, ok[:, None], rd, swap, cos, sin, qn_ptr, eps, DH, QK_NORM)  # (TP, DH)
-        lead = t * team
-        m_i = tl.zeros([TP], tl.float32) - float("inf")
-        l_i = tl.zeros([TP], tl.float32)
-        acc = tl.zeros([TP, DH], tl.float32)
-        # slots prompt.. are bounded off: each row's own (the new one included) are its own programs'
-        m_i, l_i, acc = _attend_blocks(q, kc_ptr, vc_ptr, mask_ptr + lead * S, (lead.to(tl.int64) * K + kh) * S * DH,
-                                       (split - NA) * PROMPT_SPLIT * BS, prompt, DH, qk_scale, m_i, l_i, acc, 0,
-                                       PROMPT_SPLIT, DH, BS, F32, False, STAGES, SCAN)
-        _store_range(acc, l_i, m_i, part_ptr, lse_ptr, ((n * K + kh) * NS + split) * G + rt % G, ok, DH)
+        _attend_range(q, kc_ptr, vc_ptr, mask_ptr + n * S, kv, kv_lead, prompt, first, S, DH, qk_scale, out_ptr,
+                      part_ptr, lse_ptr, nk, split, G, GP, DH, BS, PER_SPLIT, NS, F32, False, STAGES,
+                      SCAN)  # decode_attention's range
 
     @triton.jit
     def _hash32(x):

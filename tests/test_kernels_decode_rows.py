@@ -114,13 +114,11 @@ def test_attend(case, qk_norm, dtype, triton_cpu):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", [(6, 3, 40, 70, 64), (4, 2, 16, 16, 64), (4, 4, 97, 99, 64), (8, 4, 33, 60, 4)])
-def test_attend_reads_a_shared_prompt_from_its_first_copy(case, dtype, triton_cpu, monkeypatch):
-    """shared = (n, T0): the slots below T0 are read from the first row of each team of rows that share them (the
-    run of n, or its parts of PROMPT_ROWS // G rows: the last case, teams of 2). The other rows' prompt slots hold
-    NaN here, so reading them anywhere would show; the answer slots are each row's own."""
-    N, n, T0, slot, prompt_rows = case
-    monkeypatch.setattr(dr, "PROMPT_ROWS", prompt_rows)
+@pytest.mark.parametrize("case", [(6, 3, 40, 70), (4, 2, 16, 16), (4, 4, 97, 99)])
+def test_attend_reads_a_shared_prompt_from_its_first_copy(case, dtype, triton_cpu):
+    """shared = (n, T0): each row reads slots below T0 from the first row of its run of n. The other rows' prompt
+    slots hold NaN here, so reading them anywhere would show; the answer slots are each row's own."""
+    N, n, T0, slot = case
     H, K, Dh, S = 4, 2, 16, 100
     gen, seed = fresh_generator()
     qkv = torch.randn(N, 1, (H + 2 * K) * Dh, generator=gen).to(dtype)
@@ -131,14 +129,13 @@ def test_attend_reads_a_shared_prompt_from_its_first_copy(case, dtype, triton_cp
     v_cache = torch.randn(N, K, S, Dh, generator=gen).to(dtype)
     pads = [(5 * (r // n)) % max(1, T0) for r in range(N)]  # a prompt's left padding, alike in its run
     mask = torch.stack([(torch.arange(S) >= p) & (torch.arange(S) <= slot) for p in pads])  # (N, S)
-    team = min(n, prompt_rows // (H // K))
-    copies = [r for r in range(N) if r % team]
+    copies = [r for r in range(N) if r % n]
     k_cache[copies, :, :T0], v_cache[copies, :, :T0] = float("nan"), float("nan")
     before = k_cache.clone(), v_cache.clone()
     want = [k_cache.clone(), v_cache.clone()]
     for r in copies:  # what the copies would hold
         for c in want:
-            c[r, :, :T0] = c[r - r % team, :, :T0]
+            c[r, :, :T0] = c[r - r % n, :, :T0]
 
     out = dr.attend(qkv, cos, sin, None, None, 1e-6, k_cache, v_cache, torch.tensor([slot]), mask.view(N, 1, 1, S),
                     shared=(n, T0))
@@ -198,14 +195,12 @@ import kernels.decode_rows as dr
 for parts in (0, 4):
     build(dr._add_norm_kernel, dict(x_ptr=bf, d_ptr="*fp32", nw_ptr=bf, out_ptr=bf, h_ptr=bf),
           dict(D="i32", numel="i32", eps="fp32"), dict(BLOCK=2048, PARTS=parts))
-# (NA, NS): 3 ranges of its own slots a row; one range (no merge); one range and 3 of a shared prompt (3B, 8B tiles)
-for qk_norm, na, ns, g, tp in ((False, 3, 3, 8, 64), (True, 1, 1, 8, 64), (False, 1, 4, 8, 64), (True, 1, 2, 4, 32)):
+for qk_norm, ns in ((False, 3), (True, 1)):
     pointers = {n: bf for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "qn_ptr", "kn_ptr", "kc_ptr", "vc_ptr", "out_ptr")}
     pointers.update(slot_ptr="*i64", mask_ptr="*i1", part_ptr="*fp32", lse_ptr="*fp32")
-    build(dr._attend_rows_kernel, pointers,
-          dict(N="i32", S="i32", team="i32", prompt="i32", eps="fp32", qk_scale="fp32"),
-          dict(H=16, K=16 // g, G=g, GP=16, TP=tp, DH=128, BS=32, PER_SPLIT=9, PROMPT_SPLIT=4, NA=na, NS=ns,
-               QK_NORM=qk_norm, F32=False, STAGES=3, SCAN=1024))
+    build(dr._attend_rows_kernel, pointers, dict(S="i32", group="i32", prompt="i32", eps="fp32", qk_scale="fp32"),
+          dict(H=16, K=2, G=8, GP=16, DH=128, BS=32, PER_SPLIT=9, NS=ns, QK_NORM=qk_norm, F32=False, STAGES=3,
+               SCAN=1024))
 build(dr._sample_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
       out_ptr="*fp32", f_ptr="*fp32", at_ptr="*i32"), dict(V="i32", NB="i32", temperature="fp32"),
       dict(BLOCK=4096, NBP=8, GREEDY=False))

@@ -36,16 +36,19 @@ from minivl.text import decode_attention as decode_attention_reference  # the sa
 # to the last only, 2 stages 38.7 / 19.7, with blocks of 32 and 3 stages 37.8 / 18.8 (SDPA: 62.8 / 24.6). At 3B
 # the 128 (row, head) pairs, one range each (no merge) and blocks of 64 ("BS_few", see ranges): 15.2 (session 10);
 # in the 64-row step of kernels/decode_rows.py 3.10 / 3.23 ms against 3.37 / 3.37 for 3 ranges of blocks of 32.
-CONFIG = {"BS": 32, "BS_few": 64, "num_warps": 4, "programs": 128, "skip": False, "stages": 3, "scan": 1024}
+# Blocks of 128 there (session 11, benchmarks/profile_rollout.py, 3 runs each): the attention 512-514 against
+# 594-602 us a step, the step 2.91-2.97 against 2.99-3.06 ms; 256 do not fit in shared memory at 3 stages.
+CONFIG = {"BS": 32, "BS_few": 128, "num_warps": 4, "programs": 128, "skip": False, "stages": 3, "scan": 1024}
 INTERPRET_CONFIG = {"BS": 16, "BS_few": 16, "num_warps": 4, "programs": 8, "skip": False, "stages": 1,
                     "scan": 32}  # CONFIG's loop
 
 
-def ranges(pairs, S, cfg):
+def ranges(pairs, S, cfg, itemsize=2):
     """(BS, blocks per range, NS) for `pairs` (row, key/value head) pairs over S slots: about cfg["programs"] programs
     in all, one range per pair once there are that many pairs. With no more pairs than that, an SM runs about one
-    program, and blocks of cfg["BS_few"] slots keep more bytes in flight than cfg["BS"] (measured: see CONFIG)."""
-    BS = cfg["BS"] if pairs > cfg["programs"] else cfg["BS_few"]
+    program, and blocks of cfg["BS_few"] slots keep more bytes in flight than cfg["BS"] (measured: see CONFIG); a
+    cache of `itemsize`-byte elements wider than 2 takes as many bytes a block, not slots (shared memory)."""
+    BS = cfg["BS"] if pairs > cfg["programs"] else max(cfg["BS"], cfg["BS_few"] * 2 // itemsize)
     blocks = triton.cdiv(S, BS)
     per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(cfg["programs"], pairs))))
     return BS, per_split, triton.cdiv(blocks, per_split)
@@ -70,7 +73,7 @@ def _decode_attention_triton(q, k, v, mask):
         raise ValueError("decode_attention: k and v must share strides, with contiguous head dims")
     cfg = CONFIG if q.is_cuda else INTERPRET_CONFIG
     G = H // K
-    BS, per_split, NS = ranges(N * K, S, cfg)
+    BS, per_split, NS = ranges(N * K, S, cfg, k.element_size())
     q = q.contiguous().to(k.dtype)
     mask = mask.view(N, S).contiguous()
     out = torch.empty(N, H, 1, Dh, dtype=v.dtype, device=q.device)

@@ -184,7 +184,7 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, sha
            f"shared {shared}: want (n, T0) with n dividing the {N} rows and T0 at most the {S} slots")
     cfg = CONFIG if qkv.is_cuda else INTERPRET_CONFIG
     G = H // K
-    BS, per_split, NS = ranges(N * K, S, cfg)
+    BS, per_split, NS = ranges(N * K, S, cfg, k_cache.element_size())
     out = torch.empty(N, H, 1, Dh, dtype=qkv.dtype, device=qkv.device)
     # each range's normalised output and its log2-sum-exp2; one range (many rows) writes `out` itself
     part = torch.empty(N, K, NS, G, Dh, dtype=torch.float32, device=qkv.device) if NS > 1 else out

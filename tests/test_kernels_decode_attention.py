@@ -1,4 +1,5 @@
 """kernels.decode_attention (split-KV decode attention) against a float64 reference, under TRITON_INTERPRET=1."""
+import itertools
 import pytest
 import torch
 
@@ -114,9 +115,9 @@ def test_ranges_cover_the_slots_once(cfg):
     range per pair once the pairs reach that; the wider blocks only while the pairs are no more than that."""
     cfg = getattr(da, cfg)
     for pairs in (1, 2, 7, cfg["programs"], cfg["programs"] + 1, 4 * cfg["programs"]):
-        for S in (1, 15, 16, 100, 848, 5000):
-            BS, per, NS = da.ranges(pairs, S, cfg)
-            assert BS == (cfg["BS"] if pairs > cfg["programs"] else cfg["BS_few"])
+        for S, itemsize in itertools.product((1, 15, 16, 100, 848, 5000), (2, 4)):
+            BS, per, NS = da.ranges(pairs, S, cfg, itemsize)
+            assert BS == (cfg["BS"] if pairs > cfg["programs"] else max(cfg["BS"], cfg["BS_few"] * 2 // itemsize))
             assert (NS - 1) * per * BS < S <= NS * per * BS, (pairs, S)
             assert NS == 1 or pairs * NS <= cfg["programs"] + pairs, (pairs, S)  # no more ranges than asked for
             if pairs >= cfg["programs"]:

@@ -1,9 +1,9 @@
 """The small ops of a decode step of several rows, for the sampler (minivl/sampler.py): one decoder layer is cuBLAS's
-q/k/v product and five Triton launches (six with the attention's merge), no inductor.
+q/k/v product and six Triton launches (seven with the attention's merge), no inductor.
 
     x, h = add_norm(x, delta, input_norm_weight, eps)     # x += delta (the last layer's MLP), h = rmsnorm(x)
     qkv = F.linear(h, qkv_weight, qkv_bias)                # cuBLAS
-    a = attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)  # rotary, cache write, split-KV
+    a = attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, (n, T0))  # rotary, cache write
     x, h = add_norm(x, split_linear(a, o_weight), post_norm_weight, eps)          # o-proj as split-K partials
     act = gated_linear(h, gate_weight, up_weight)                                 # SiLU(gate) * up in one product
     delta = split_linear(act, down_weight)                                        # summed by the next add_norm
@@ -17,7 +17,8 @@ speed moved between builds of the same code (the SiLU-mul kernel 70 or 192 us a 
 for every new cache length. Here the residual add rides in the next norm, and the rotary and the cache write ride in
 the attention: each program (row, key/value head, slot range) rotates its query heads itself, and the program whose
 range holds the new slot rotates the key and writes it and the value into the cache before it reads its range.
-The attention is kernels/decode_attention.py's split-KV loop (its CONFIG), so it reads only the written slots.
+The attention is kernels/decode_attention.py's split-KV loop (its CONFIG), so it reads only the written slots; the
+n answers of a prompt read the prompt's slots from its first copy (see attend).
 
 Numerics follow the PyTorch layer op by op in the activation dtype (transformers' roundings): the residual sum is
 rounded before the norm, the normed input before and after the norm weight, SiLU before the product with up.
@@ -165,7 +166,9 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, sha
     mask (N, 1, 1, S) bool, the slots each row may read (the new one included); q_norm and k_norm (Dh,) for Qwen3.
     shared = (n, T0): the cache's first T0 slots are alike in each run of n rows (the n answers of one prompt,
     sampler.prefill), so every row reads them from the first of its run. Why: at 64 rows of 8 answers the prompt is
-    about half of the slots read; read once and then from L2, the step reads that much less from memory."""
+    about half of the slots read; read once and then from L2, the step reads that much less from memory (H200: the
+    8B step 5.93 against 6.11-6.18 ms; 3B level). Reading the prompt once for all n rows in one tile of their query
+    heads, merged with each row's own slots, was slower (the merge; benchmarks/NOTES_sampler.md, session 11)."""
     if not use_triton(qkv, k_cache):
         return attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, shared)
     from kernels.decode_attention import CONFIG, INTERPRET_CONFIG, _merge_kernel, ranges

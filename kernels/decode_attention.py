@@ -115,10 +115,9 @@ if triton_available():
 
     @triton.jit
     def _attend_range(q, k_ptr, v_ptr, mask_ptr, kv, kv_lead, shared, first, S, s_s, qk_scale, out_ptr, part_ptr,
-                      lse_ptr, nk, split,
-                      G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, PER_SPLIT: tl.constexpr,
-                      NS: tl.constexpr, F32: tl.constexpr, SKIP: tl.constexpr, STAGES: tl.constexpr,
-                      SCAN: tl.constexpr):
+                      lse_ptr, nk, split, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
+                      PER_SPLIT: tl.constexpr, NS: tl.constexpr, F32: tl.constexpr, SKIP: tl.constexpr,
+                      STAGES: tl.constexpr, SCAN: tl.constexpr):
         """q (GP, DH), the G query heads of (row, key/value head) nk, over the range `split` of slots from `first`:
         with one range, the output out (N, H, 1, DH) in its dtype; else the range's partial and log-sum-exp. Slots
         below `shared` are read at offset kv_lead instead of kv (see _attend_blocks)."""
@@ -127,8 +126,7 @@ if triton_available():
         l_i = tl.zeros([GP], tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([GP, DH], tl.float32)
         m_i, l_i, acc = _attend_blocks(q, k_ptr, v_ptr, mask_ptr, kv, kv_lead, shared, first, S, s_s, qk_scale, m_i,
-                                       l_i, acc, 0,
-                                       PER_SPLIT, DH, BS, F32, SKIP, STAGES, SCAN)
+                                       l_i, acc, 0, PER_SPLIT, DH, BS, F32, SKIP, STAGES, SCAN)
         if NS == 1:  # no merge; a row with no readable slot gets 0
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(out_ptr + (nk * G + rg)[:, None] * DH + rd[None, :], out.to(out_ptr.dtype.element_ty),

@@ -57,10 +57,9 @@ def gated_linear_reference(x, gate_weight, up_weight):
     return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
 
 
-def attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, shared=(1, 0)):
+def attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
     """decode_layer.attend_reference, row by row: qkv (N, 1, (H + 2K) Dh), cos and sin (N, 1, Dh), caches
-    (N, K, S, Dh), mask (N, 1, 1, S) -> (N, H, 1, Dh). Each row reads its own cache (`shared` only says which rows
-    hold copies)."""
+    (N, K, S, Dh), mask (N, 1, 1, S) -> (N, H, 1, Dh). Each row reads its own cache (copies of a prompt are alike)."""
     return torch.cat([attend_reference(qkv[n:n + 1], cos[n:n + 1], sin[n:n + 1], q_norm, k_norm, eps,
                                        k_cache[n:n + 1], v_cache[n:n + 1], slot, mask[n:n + 1])
                       for n in range(qkv.shape[0])])
@@ -169,8 +168,12 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, sha
     about half of the slots read; read once and then from L2, the step reads that much less from memory (H200: the
     8B step 5.93 against 6.11-6.18 ms; 3B level). Reading the prompt once for all n rows in one tile of their query
     heads, merged with each row's own slots, was slower (the merge; benchmarks/NOTES_sampler.md, session 11)."""
+    group, prompt = shared
+    _check("attend", group >= 1 and k_cache.shape[0] % group == 0 and 0 <= prompt <= k_cache.shape[2],
+           f"shared {shared}: want (n, T0) with n dividing the {k_cache.shape[0]} rows and T0 at most the "
+           f"{k_cache.shape[2]} slots")
     if not use_triton(qkv, k_cache):
-        return attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, shared)
+        return attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)
     from kernels.decode_attention import CONFIG, INTERPRET_CONFIG, _merge_kernel, ranges
 
     N, K, S, Dh = k_cache.shape
@@ -182,9 +185,6 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, sha
            f"{tuple(v_cache.shape)}, mask {tuple(mask.shape)} {mask.dtype}: want contiguous (N, K, S, Dh) caches, "
            "(N, 1, (H + 2K) * Dh) projections with K dividing H, cos and sin (N, 1, Dh), a bool mask (N, 1, 1, S)")
     _check("attend", Dh >= 16 and Dh & (Dh - 1) == 0, f"head dim {Dh} must be a power of two >= 16")
-    group, prompt = shared
-    _check("attend", group >= 1 and N % group == 0 and 0 <= prompt <= S,
-           f"shared {shared}: want (n, T0) with n dividing the {N} rows and T0 at most the {S} slots")
     cfg = CONFIG if qkv.is_cuda else INTERPRET_CONFIG
     G = H // K
     BS, per_split, NS = ranges(N * K, S, cfg, k_cache.element_size())

@@ -139,13 +139,11 @@ def conversation_and_keys(record, where):
             query = f"{query}\n{record['input']}"
             used.add("input")
         used |= {query_key, "history"}
-        turns = []
-        history = record.get("history") or []
-        for q, r in [tuple(pair) for pair in history]:
-            turns += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        pairs = [tuple(pair) for pair in record.get("history") or []]
+        turns = [{"role": role, "content": text} for q, r in pairs for role, text in (("user", q), ("assistant", r))]
         turns.append({"role": "user", "content": query})
-        response_key = _first_key({k: v for k, v in record.items() if k != query_key}, RESPONSE_KEYS)
-        response = record[response_key] if response_key else None
+        response_key = _first_key(record, RESPONSE_KEYS)  # kept as a column too (a trl reward may read it)
+        response = record.get(response_key)
         if isinstance(response, list) and response and isinstance(response[0], dict):  # trl: [messages]
             turns = to_turns(turns, where) + to_turns(response, where)
         else:

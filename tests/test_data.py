@@ -283,6 +283,24 @@ def test_hub_dataset_from_a_snapshot(tmp_path, monkeypatch):
         data.load_rows("someone/colours")
 
 
+def test_hub_dataset_offline_from_the_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE: a data set in huggingface_hub's cache loads without the network; one not there is an
+    error naming it."""
+    from huggingface_hub import constants
+    repo = tmp_path / "cache" / "datasets--someone--colours"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123" / "data").mkdir(parents=True)
+    write_jsonl(repo / "snapshots" / "abc123" / "data" / "train.jsonl", colour_records(3))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    rows = data.load_rows("someone/colours")
+    assert [r.source for r in rows] == [f"{repo}/snapshots/abc123/data/train.jsonl:{i}" for i in (1, 2, 3)]
+    with pytest.raises(FileNotFoundError, match=r"'someone/other' is not a local file or folder, and fetching it "
+                                                r"as a hub data set repository failed: LocalEntryNotFoundError"):
+        data.load_rows("someone/other")
+
+
 def test_folder_reads_its_train_split(tmp_path):
     folder = tmp_path / "set"
     folder.mkdir()

@@ -32,8 +32,8 @@ TensorBoard event files when tensorboard is installed. Checkpoints are written u
 renamed. `--save_total_limit k` keeps the checkpoint with the lowest eval loss and the latest ones, k in all.
 
 What it simplifies, compared with ms-swift: no packing or padding-free batches, no DeepSpeed/FSDP sharding (each
-GPU holds the whole model), no videos in the data files, no per-message loss scales, the output dir is used as
-given (no v0-date subfolder). Tests: tests/test_sft.py.
+GPU holds the whole model), no per-message loss scales, the output dir is used as given (no v0-date
+subfolder). Tests: tests/test_sft.py.
 
 Shapes: B batch, T tokens, D LLM width, V vocabulary.
 """
@@ -271,6 +271,7 @@ def exact_match(model, processor, rows, batch_size):
         chunk = rows[i:i + batch_size]
         refs = [r.conversation[-1]["content"].strip() for r in chunk]
         batch = processor([r.conversation[:-1] for r in chunk], images=[r.images for r in chunk],
+                          videos=[r.videos for r in chunk],
                           add_generation_prompt=True)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         # room for the longest reference and its eos; at least 4 tokens, since the CUDA-graph sampler's warm-up

@@ -267,12 +267,12 @@ def make_sft_row(conversation, record, base_dir, where, system=None):
     return Row(conversation, images, where, videos)
 
 
-def load_rows(specs, system=None, seed=42, dataset_dir=None, max_samples=None):
-    """Every record of the data sets as a Row (see load_records for `specs`). Problems a run would otherwise meet
-    hours later (a missing image file, more or fewer <image> tags than images, an empty file) are errors here,
-    naming the line."""
+def load_rows(specs, system=None, **source):
+    """Every record of the data sets as a Row; `specs` and `source` (seed, dataset_dir, max_samples, shuffle) as
+    records.load_records takes them. Problems a run would otherwise meet hours later (a missing image file, more
+    or fewer <image> tags than images, an empty file) are errors here, naming the line."""
     return [make_row(record, base_dir, where, system)
-            for where, record, base_dir in load_records(specs, seed, dataset_dir, max_samples)]
+            for where, record, base_dir in load_records(specs, **source)]
 
 
 def split_rows(rows, ratio, seed):

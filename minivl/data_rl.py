@@ -137,10 +137,10 @@ def make_preference_row(record, base_dir, where, system=None):
     return PreferenceRow(prompt, chosen, rejected, images, videos, where, rejected_images)
 
 
-def load_preference_rows(specs, system=None, seed=42, dataset_dir=None, max_samples=None):
+def load_preference_rows(specs, system=None, **source):
     """Every record of the data sets (records.load_records) as a PreferenceRow."""
     return [make_preference_row(record, base_dir, where, system)
-            for where, record, base_dir in load_records(specs, seed, dataset_dir, max_samples)]
+            for where, record, base_dir in load_records(specs, **source)]
 
 
 # ------------------------------------------------------------------------------------------------- prompts
@@ -156,10 +156,10 @@ def make_prompt_row(record, base_dir, where, system=None):
     return PromptRow(place_media(with_system(turns, system), images, videos, where), images, videos, columns, where)
 
 
-def load_prompt_rows(specs, system=None, seed=42, dataset_dir=None, max_samples=None):
+def load_prompt_rows(specs, system=None, **source):
     """Every record of the data sets (records.load_records) as a PromptRow."""
     return [make_prompt_row(record, base_dir, where, system)
-            for where, record, base_dir in load_records(specs, seed, dataset_dir, max_samples)]
+            for where, record, base_dir in load_records(specs, **source)]
 
 
 # ------------------------------------------------------------------------------------------ CHORD's experts
@@ -176,7 +176,7 @@ def make_expert_row(record, base_dir, where, system=None):
     return make_sft_row(turns, record, base_dir, where, system)
 
 
-def load_expert_rows(specs, system=None, seed=42, dataset_dir=None, max_samples=None):
+def load_expert_rows(specs, system=None, **source):
     """Every record of the data sets (records.load_records) as an SFT Row for CHORD's expert loss."""
     return [make_expert_row(record, base_dir, where, system)
-            for where, record, base_dir in load_records(specs, seed, dataset_dir, max_samples)]
+            for where, record, base_dir in load_records(specs, **source)]

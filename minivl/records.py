@@ -89,10 +89,11 @@ def _objects(records):
     return records
 
 
-def load_records(specs, seed=42, dataset_dir=None, max_samples=None):
+def load_records(specs, seed=42, dataset_dir=None, max_samples=None, shuffle=True):
     """Every record of the data sets `specs` names, as (source, record, base_dir), base_dir being the folder
     relative media paths start from. With dataset_dir the names are dataset_info.json entries (LLaMA-Factory),
-    else files, folders or hub ids with an optional #N (ms-swift). max_samples keeps the first N of each."""
+    else files, folders or hub ids with an optional #N (ms-swift). max_samples keeps the first N of each.
+    shuffle=False makes #N take the first N rows, as ms-swift does for --val_dataset and --dataset_shuffle false."""
     specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
     rng = np.random.RandomState(seed)  # one random state drawn in order over the data sets, as ms-swift's loader
     out = []
@@ -101,7 +102,7 @@ def load_records(specs, seed=42, dataset_dir=None, max_samples=None):
             records = dataset_info_records(spec, dataset_dir, rng)
         else:
             name, n = split_sample_count(spec)
-            records = sample_records(records_of(name), n, rng)
+            records = sample_records(records_of(name), n, rng, shuffle)
         records = records[:max_samples] if max_samples is not None else records
         if not records:
             raise ValueError(f"dataset {spec} is empty")
@@ -119,13 +120,15 @@ def split_sample_count(spec):
     return name, int(count)
 
 
-# ms-swift's swift/dataset/utils.py sample_dataset (shuffle on)
-def sample_records(records, n, rng):
-    """n records: the whole set n // len times, then n % len drawn without replacement with `rng`."""
+# ms-swift's swift/dataset/utils.py sample_dataset
+def sample_records(records, n, rng, shuffle=True):
+    """n records: the whole set n // len times, then n % len drawn without replacement with `rng` (the first
+    n % len without shuffle)."""
     if n is None:
         return records
     repeats, rest = divmod(n, len(records)) if records else (0, 0)
-    order = list(range(len(records))) * repeats + rng.permutation(len(records))[:rest].tolist()
+    drawn = rng.permutation(len(records))[:rest].tolist() if shuffle else list(range(rest))
+    order = list(range(len(records))) * repeats + drawn
     return [records[i] for i in order]
 
 

@@ -219,6 +219,7 @@ def test_sample_count_draws_as_ms_swift(tmp_path):
     assert answers(data.load_rows(f"{path}#3")) == [8, 1, 5]
     assert answers(data.load_rows(f"{path}#23")) == list(range(10)) * 2 + [8, 1, 5]   # repeated, then drawn
     assert answers(data.load_rows(f"{path}#3", seed=1)) != [8, 1, 5]
+    assert answers(data.load_rows(f"{path}#13", shuffle=False)) == list(range(10)) + [0, 1, 2]   # --val_dataset
     # one random state over the data sets in order: the second draw continues it
     both = answers(data.load_rows([f"{path}#3", f"{path}#3"]))
     state = [8, 1, 5]

@@ -11,7 +11,8 @@ Each `--dataset` entry is
   owner/name     a hub data set repository: huggingface_hub.snapshot_download(repo_type="dataset") (its cache and
                  HF_HUB_OFFLINE apply), read as a folder
   NAME#N         N rows: drawn without replacement with the data seed (42), the whole set repeated first when N
-                 exceeds it (ms-swift's `--dataset NAME#N` with its default `--dataset_shuffle true`)
+                 exceeds it (ms-swift's `--dataset NAME#N` with its default `--dataset_shuffle true`); with
+                 shuffle=False (ms-swift's `--val_dataset`) the first N
 and with dataset_dir (LLaMA-Factory) a name in its dataset_info.json: `file_name` (a file or a folder in
 dataset_dir) or `hf_hub_url`, with `formatting` (alpaca / sharegpt), `ranking`, `columns`, `tags`, `split`,
 `folder`, `num_samples`; `max_samples` keeps the first N rows. Such records are turned into ms-swift's shapes

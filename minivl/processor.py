@@ -5,14 +5,17 @@
     batch = processor(conversations)          # input_ids, attention_mask, pixel_values, image_grid_thw, ...
     batch = processor(conversations, return_labels=True)                 # + labels for training
 
-Images follow transformers' slow (PIL) Qwen2-VL image processor exactly: smart_resize, PIL bicubic resize,
-rescale, normalize, and the patch order the vision tower expects. Videos follow qwen-vl-utils (frame sampling at
-2 fps, per-frame pixel budget), then the same normalisation and patch order. The chat templates are written in
-Python, one small function per family, equal to the Jinja templates shipped with the checkpoints.
+Images follow one of transformers' two Qwen2-VL image processors: smart_resize, resize, rescale, normalize, and
+the patch order the vision tower expects. `use_fast` picks which, as transformers 5 does: by default (and with
+use_fast=True) its torchvision processor, antialiased bicubic on the uint8 tensor, written here with plain
+torch; with use_fast=False its PIL processor, PIL bicubic. The two differ by about 2 grey levels on most
+images and by up to 17 on noisy upscaled ones. Videos follow qwen-vl-utils (frame sampling at 2 fps, per-frame
+pixel budget) and are resized like transformers' video processor, which has only the torchvision path. The
+chat templates are written in Python, one small function per family, equal to the Jinja templates shipped with
+the checkpoints.
 
-What it simplifies: no Jinja engine (custom templates are not rendered), no tool calls, no URLs. Video frames are
-resized with PIL bicubic like images (qwen-vl-utils uses torchvision's antialiased bicubic: values differ by a
-few grey levels, grids are equal). Tests: tests/test_processor.py, test_chat_template.py, test_video.py.
+What it simplifies: no Jinja engine (custom templates are not rendered), no tool calls, no URLs.
+Tests: tests/test_processor.py, test_chat_template.py, test_video.py.
 
 Legend: F frames, C channels (3), H/W pixels, P patch size, T temporal patch size (2), M merge size (2),
 N patches, L tokens.
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
+from torch.nn.functional import interpolate
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -187,7 +191,8 @@ def fit_total_pixels(sizes, factor, min_pixels, max_pixels, max_total_pixels=Non
 
 
 def normalize_frames(frames, height, width, settings):
-    """PIL frames -> float32 array (F, C, H, W): bicubic resize, rescale, normalize, as the slow HF processor."""
+    """PIL frames -> float32 array (F, C, H, W): PIL bicubic resize, rescale, normalize, as transformers' PIL
+    image processor (Qwen2VLImageProcessorPil)."""
     arrays = []
     for frame in frames:
         if frame.size != (width, height):
@@ -199,6 +204,21 @@ def normalize_frames(frames, height, width, settings):
     mean = np.asarray(settings.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(settings.image_std, dtype=np.float32)[:, None, None]
     return (x - mean) / std
+
+
+def normalize_frames_torch(frames, height, width, settings):
+    """PIL frames -> float32 array (F, C, H, W) as transformers' torchvision image and video processors give it
+    (Qwen2VLImageProcessor, Qwen2VLVideoProcessor) on the CPU: the uint8 frames resized by torchvision's
+    resize, which on the CPU is interpolate on the uint8 tensor itself (bicubic, antialiased, align_corners
+    False; torch's uint8 kernel rounds and clamps to uint8 between its width and height passes, as PIL does),
+    then rescale and normalize fused into one float32 step."""
+    x = torch.from_numpy(np.stack([np.asarray(frame) for frame in frames])).permute(0, 3, 1, 2)  # (F, C, H, W)
+    if x.shape[-2:] != (height, width):
+        x = interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    # (x * rescale - mean) / std, written as transformers fuses it: (x - mean / rescale) / (std / rescale)
+    mean = torch.tensor(settings.image_mean) * (1.0 / settings.rescale_factor)
+    std = torch.tensor(settings.image_std) * (1.0 / settings.rescale_factor)
+    return ((x.float() - mean[:, None, None]) / std[:, None, None]).numpy()
 
 
 # §5.4 of the facts sheet: transformers' Qwen2-VL patchify (image and video processors)
@@ -449,28 +469,86 @@ def _resolve(path_or_hub_id):
     return Path(snapshot_download(str(path_or_hub_id), allow_patterns=list(PROCESSOR_FILES)))
 
 
+# transformers' Qwen2VLImageProcessor class defaults: what a preprocessor_config.json leaves out
+IMAGE_PROCESSOR_DEFAULTS = VisionSettings(patch_size=14, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+# fields minivl computes with one value only, the one of every published Qwen-VL file (resample 3 is bicubic)
+FIXED_FIELDS = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+                "resample": 3}
+
+
+def _check_fixed_fields(pre, name):
+    for key, value in FIXED_FIELDS.items():
+        if key in pre and pre[key] != value:
+            raise ValueError(f"{name} sets {key}={pre[key]!r}; minivl implements {key}={value!r} only")
+
+
 def _vision_settings(pre, base):
-    """preprocessor_config.json over the family defaults (min/max_pixels win over size, as in transformers)."""
-    if not pre:
+    """preprocessor_config.json over transformers' class defaults; no file at all -> the family's published
+    values. min_pixels / max_pixels win over size, which must then give both edges, as in transformers."""
+    if pre is None:
         return base
-    size = pre.get("size") or {}
+    _check_fixed_fields(pre, "preprocessor_config.json")
+    d = IMAGE_PROCESSOR_DEFAULTS
+    size = dict(pre["size"]) if pre.get("size") is not None else {"shortest_edge": d.min_pixels,
+                                                                   "longest_edge": d.max_pixels}
+    for edge, key in (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")):
+        if pre.get(key) is not None:
+            size[edge] = pre[key]
+    if not size.get("shortest_edge") or not size.get("longest_edge"):
+        raise ValueError(f"preprocessor_config.json: size={pre.get('size')!r} needs shortest_edge and "
+                         "longest_edge (or min_pixels and max_pixels beside it)")
     return replace(
-        base,
-        patch_size=pre.get("patch_size", base.patch_size),
-        merge_size=pre.get("merge_size", base.merge_size),
-        temporal_patch_size=pre.get("temporal_patch_size", base.temporal_patch_size),
-        min_pixels=pre.get("min_pixels") or size.get("shortest_edge") or base.min_pixels,
-        max_pixels=pre.get("max_pixels") or size.get("longest_edge") or base.max_pixels,
-        image_mean=tuple(pre.get("image_mean", base.image_mean)),
-        image_std=tuple(pre.get("image_std", base.image_std)),
-        rescale_factor=pre.get("rescale_factor", base.rescale_factor),
+        d,
+        patch_size=pre.get("patch_size", d.patch_size),
+        merge_size=pre.get("merge_size", d.merge_size),
+        temporal_patch_size=pre.get("temporal_patch_size", d.temporal_patch_size),
+        min_pixels=size["shortest_edge"],
+        max_pixels=size["longest_edge"],
+        image_mean=tuple(pre.get("image_mean", d.image_mean)),
+        image_std=tuple(pre.get("image_std", d.image_std)),
+        rescale_factor=pre.get("rescale_factor", d.rescale_factor),
     )
+
+
+def _video_settings(video, vision):
+    """video_preprocessor_config.json: qwen-vl-utils' frame and pixel settings. Videos are cut into patches and
+    normalised with the image settings, so the file's own values for those must agree with them."""
+    video = video or {}
+    _check_fixed_fields(video, "video_preprocessor_config.json")
+    for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor"):
+        mine = getattr(vision, key)
+        if key in video and (tuple(video[key]) if isinstance(video[key], list) else video[key]) != mine:
+            raise ValueError(f"video_preprocessor_config.json sets {key}={video[key]!r} but the images use "
+                             f"{mine!r}: minivl processes videos with the image settings")
+    # only explicit keys: the "size" of Qwen3's video config means a whole-clip budget in transformers
+    return VideoSettings(
+        fps=video.get("fps") or VIDEO_FPS,
+        min_frames=video.get("min_frames", VIDEO_MIN_FRAMES),
+        max_frames=video.get("max_frames", VIDEO_MAX_FRAMES),
+        min_pixels=video.get("min_pixels"), max_pixels=video.get("max_pixels"),
+        total_pixels=video.get("total_pixels"),
+    )
+
+
+def _token_ids(gen, key, tokenizer):
+    """generation_config.json's eos_token_id / pad_token_id as a list of the tokenizer's ids; None if absent."""
+    value = gen.get(key)
+    if value is None:
+        return None
+    ids = [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
+        raise ValueError(f"generation_config.json: {key}={value!r} is neither a token id nor a list of them")
+    unknown = [i for i in ids if tokenizer.id_to_token(i) is None]
+    if unknown:
+        raise ValueError(f"generation_config.json: {key}={value!r} names ids {unknown} the tokenizer lacks")
+    return ids
 
 
 class Processor:
     def __init__(self, tokenizer, family, model_type, eos_token_ids, pad_token_id, chat_template=None,
-                 max_total_pixels=None):
+                 max_total_pixels=None, use_fast=True):
         self.tokenizer = tokenizer
+        self.use_fast = use_fast                    # images through the torch resize (True) or PIL's (False)
         self.family = family
         self.model_type = model_type
         self.eos_token_ids = list(eos_token_ids)
@@ -497,11 +575,15 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, min_pixels=None, max_pixels=None, max_total_pixels=None,
-                        default_system=...):
+                        default_system=..., use_fast=None):
         """Read a checkpoint's processor files (local directory or hub id); missing files -> family defaults.
 
         Pixel limits: the arguments here, else the MIN_PIXELS / MAX_PIXELS environment variables (as ms-swift
         reads them), else preprocessor_config.json. default_system=None drops the Qwen2/2.5 default system turn.
+        use_fast: the image path, chosen as transformers 5's AutoProcessor chooses it. None (the default) and
+        True give its torchvision processor, which transformers picks for every Qwen-VL family whenever
+        torchvision is installed, whatever image_processor_type the preprocessor_config.json names; False gives
+        the PIL one.
         """
         directory = _resolve(path_or_hub_id)
         config = _read_json(directory, "config.json")
@@ -523,15 +605,8 @@ class Processor:
             min_pixels=int(min_pixels or (env_min and float(env_min)) or vision.min_pixels),
             max_pixels=int(max_pixels or (env_max and float(env_max)) or vision.max_pixels),
         )
-        video = _read_json(directory, "video_preprocessor_config.json") or {}
-        # only explicit keys: the "size" of Qwen3's video config means a whole-clip budget in transformers
-        family = replace(family, vision=vision, video=VideoSettings(
-            fps=video.get("fps") or VIDEO_FPS,
-            min_frames=video.get("min_frames", VIDEO_MIN_FRAMES),
-            max_frames=video.get("max_frames", VIDEO_MAX_FRAMES),
-            min_pixels=video.get("min_pixels"), max_pixels=video.get("max_pixels"),
-            total_pixels=video.get("total_pixels"),
-        ))
+        video = _video_settings(_read_json(directory, "video_preprocessor_config.json"), vision)
+        family = replace(family, vision=vision, video=video)
 
         if not (directory / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{directory} has no tokenizer.json")
@@ -549,14 +624,14 @@ class Processor:
         family = replace(family, default_system=default_system)
 
         gen = _read_json(directory, "generation_config.json") or {}
-        eos = gen.get("eos_token_id")
-        eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.token_to_id("<|im_end|>")])
-        pad = gen.get("pad_token_id")
+        eos = _token_ids(gen, "eos_token_id", tokenizer) or [tokenizer.token_to_id("<|im_end|>")]
+        pad = (_token_ids(gen, "pad_token_id", tokenizer) or [None])[0]
         if pad is None:
             pad_token = tok_cfg.get("pad_token") or "<|endoftext|>"
             pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
             pad = tokenizer.token_to_id(pad_token)
-        processor = cls(tokenizer, family, model_type, eos, pad, template, max_total_pixels)
+        processor = cls(tokenizer, family, model_type, eos, pad, template, max_total_pixels,
+                        use_fast=use_fast is None or bool(use_fast))
         processor._check_config_ids(config or {})
         return processor
 
@@ -599,9 +674,10 @@ class Processor:
         sizes = [(pil.height, pil.width) for pil in pils]
         budget = max_total_pixels if max_total_pixels is not None else self.max_total_pixels
         targets = fit_total_pixels(sizes, v.factor, mins, maxs, budget)
+        normalize = normalize_frames_torch if self.use_fast else normalize_frames
         rows, grids = [], []
         for pil, (h, w) in zip(pils, targets):
-            x, grid = patchify(normalize_frames([pil], h, w, v), v)
+            x, grid = patchify(normalize([pil], h, w, v), v)
             rows.append(x)
             grids.append(grid)
         return {"pixel_values": torch.from_numpy(np.concatenate(rows)),          # (N, C*T*P*P)
@@ -642,7 +718,7 @@ class Processor:
             raise ValueError(f"the frames of one video must have one size, got {sorted(sizes)}")
         width, height = frames[0].size
         h, w = smart_resize(height, width, v.factor, lo, hi)
-        x, grid = patchify(normalize_frames(frames, h, w, v), v)
+        x, grid = patchify(normalize_frames_torch(frames, h, w, v), v)  # transformers has no PIL video path
         seconds = v.temporal_patch_size / sample_fps
         return x, grid, seconds, temporal_patch_timestamps(indices, rate, v.temporal_patch_size)
 

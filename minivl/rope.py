@@ -61,6 +61,14 @@ def get_rope_index(cfg, input_ids, attention_mask=None, image_grid_thw=None, vid
     queue = {cfg.image_token_id: iter(images), cfg.video_token_id: iter(videos)}
     used = {cfg.image_token_id: 0, cfg.video_token_id: 0}
     B, T = ids_all.shape
+    hidden = ((ids_all == cfg.image_token_id) | (ids_all == cfg.video_token_id)) & ~mask_all  # (B, T)
+    if hidden.any():
+        # transformers 5.17 gives no defined result here: it scatters features into every placeholder, padding
+        # included, but takes grids only for the attended ones, so each later image gets an earlier one's grid
+        rows = hidden.any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{int(hidden.sum())} image/video placeholder tokens sit inside the padding "
+                         f"(attention_mask 0) of batch rows {rows}: a vision block must be attended as a "
+                         "whole; pad with the pad token, never with placeholders")
     position_ids = torch.ones(3, B, T, dtype=torch.long)
     deltas = torch.zeros(B, 1, dtype=torch.long)
     for b in range(B):

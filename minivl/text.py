@@ -14,9 +14,46 @@ Shapes: B batch, T tokens in this call, S cached tokens, D model width, H query 
 Dh head dim, E experts.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# The activation names of transformers' ACT2FN, each computed as transformers computes it. Every MLP of every
+# family (vision and text, dense and MoE) takes its `hidden_act` from this table. prelu and xielu are missing on
+# purpose: they carry learned parameters that no Qwen-VL checkpoint stores.
+TANH_GELU_SCALE = math.sqrt(2.0 / math.pi)
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,  # exact, with erf
+    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10, 10),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_python_tanh": lambda x: x * 0.5 * (1.0 + torch.tanh(TANH_GELU_SCALE * (x + 0.044715 * x**3.0))),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(TANH_GELU_SCALE * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu_accurate": lambda x: 0.5 * x * (1 + torch.tanh(TANH_GELU_SCALE * (x + 0.044715 * torch.pow(x, 3)))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "hardswish": F.hardswish,
+    "mish": F.mish,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+}
+
+
+def activation(name, field="hidden_act"):
+    """The function of an activation name; `field` names where the name came from, for the error."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{field}={name!r} is an activation minivl does not implement; it knows "
+                         f"{', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
 
 
 class RMSNorm(nn.Module):
@@ -174,16 +211,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    # SwiGLU: down(act(gate(x)) * up(x)); the Qwen2.5-VL vision blocks use the same module with biases
+    # Gated: down(act(gate(x)) * up(x)), SwiGLU with every published hidden_act (silu); the Qwen2.5-VL vision
+    # blocks use the same module with biases
     def __init__(self, dim, hidden, bias=False, act="silu"):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        assert act == "silu", f"unsupported gated activation {act}"
+        self.hidden_act, self.act = act, activation(act)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Experts(nn.Module):
@@ -199,27 +237,28 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    # transformers' Qwen3VLMoeTextSparseMoeBlock: softmax router in float32, top-k, renormalised weights
+    # transformers' Qwen3VLMoeTextSparseMoeBlock: softmax router in float32, top-k, weights renormalised to sum
+    # to 1 always (transformers reads no norm_topk_prob for this family; config.py refuses false)
     def __init__(self, cfg):
         super().__init__()
-        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.top_k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.act = activation(cfg.hidden_act)
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         # loop over the experts that received tokens; tokens of one expert are one dense matmul
         for e in chosen.unique().tolist():
             token, slot = torch.where(chosen == e)
             gate, up = (x[token] @ self.experts.gate_up_proj[e]).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.experts.down_proj[e]  # (n_e, D)
+            y = (self.act(gate) * up) @ self.experts.down_proj[e]  # (n_e, D)
             out.index_add_(0, token, y * weights[token, slot, None])
         return out.view(shape)
 
@@ -230,7 +269,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (SparseMoE(cfg) if cfg.is_sparse_layer(layer_idx) else
+                    MLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act))
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)

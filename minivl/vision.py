@@ -5,11 +5,14 @@ bidirectional attention with a 2-D rotary, and a merger that concatenates each 2
 into one LLM token. What differs, and nothing else:
 
   family      norm      block MLP                    attention                          extra
-  qwen2_vl    LayerNorm fc1 -> QuickGELU -> fc2      per frame                          -
-  qwen2_5_vl  RMSNorm   SwiGLU with biases           4x4-merged-token windows, except   window reorder
+  qwen2_vl    LayerNorm fc1 -> act -> fc2            per frame                          -
+  qwen2_5_vl  RMSNorm   gated, with biases           4x4-merged-token windows, except   window reorder
                                                      per frame in fullatt_block_indexes
-  qwen3_vl    LayerNorm linear_fc1 -> GELU(tanh)     per frame                          learned 48x48 position
+  qwen3_vl    LayerNorm linear_fc1 -> act            per frame                          learned 48x48 position
                         -> linear_fc2                                                   grid; DeepStack mergers
+
+`act` is the config's vision `hidden_act` (published: quick_gelu, silu, gelu_pytorch_tanh), from text.py's
+table; the mergers' GELU is fixed, as in transformers.
 
 Attention runs over segments (frames or windows) of one packed sequence without an (N x N) mask and without a
 Python loop over segments: the segments are gathered into a padded (segments, length) batch and go through
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text import MLP, RMSNorm, apply_rotary, signed_sin
+from .text import MLP, RMSNorm, activation, apply_rotary, signed_sin
 
 
 @dataclass
@@ -68,7 +71,7 @@ def segment_attention(q, k, v, seg):
     return out if seg.unpad is None else out[seg.unpad]  # (N, H, Dh)
 
 
-def rotary_angles(grid_thw, head_dim, merge, theta=10000.0):
+def rotary_angles(grid_thw, head_dim, merge, theta):
     """2-D rotary angles (N, Dh) in merge-block order: the first half rotates by the patch row, the second by the
     patch column, each over Dh/4 frequencies (transformers' `rot_pos_emb` / `get_vision_position_ids`)."""
     dim = head_dim // 2
@@ -154,23 +157,24 @@ class VisionAttention(nn.Module):
         return self.proj(segment_attention(q, k, qkv[:, 2], seg).reshape(N, -1))
 
 
-class QuickGeluMLP(nn.Module):  # Qwen2-VL
-    def __init__(self, dim, hidden):
+class Qwen2VisionMLP(nn.Module):
+    def __init__(self, dim, hidden, act):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = activation(act, "vision_config.hidden_act")
 
     def forward(self, x):
-        x = self.fc1(x)
-        return self.fc2(x * torch.sigmoid(1.702 * x))
+        return self.fc2(self.act(self.fc1(x)))
 
 
-class GeluTanhMLP(nn.Module):  # Qwen3-VL
-    def __init__(self, dim, hidden):
+class Qwen3VisionMLP(nn.Module):  # Qwen2VisionMLP with the checkpoint's other tensor names
+    def __init__(self, dim, hidden, act):
         super().__init__()
         self.linear_fc1, self.linear_fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = activation(act, "vision_config.hidden_act")
 
     def forward(self, x):
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
 class VisionBlock(nn.Module):
@@ -181,11 +185,11 @@ class VisionBlock(nn.Module):
         self.norm1, self.norm2 = Norm(C, eps=1e-6), Norm(C, eps=1e-6)
         self.attn = VisionAttention(C, cfg.num_heads)
         if family == "qwen2_vl":
-            self.mlp = QuickGeluMLP(C, cfg.intermediate_size)
+            self.mlp = Qwen2VisionMLP(C, cfg.intermediate_size, cfg.hidden_act)
         elif family == "qwen2_5_vl":
             self.mlp = MLP(C, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
         else:
-            self.mlp = GeluTanhMLP(C, cfg.intermediate_size)
+            self.mlp = Qwen3VisionMLP(C, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x, cos, sin, seg):
         x = x + self.attn(self.norm1(x), cos, sin, seg)
@@ -263,7 +267,7 @@ class VisionTower(nn.Module):
             x = x + pos.to(x.dtype)
             if trace:
                 trace("vision.pos_embed", x)
-        angles = rotary_angles(grids, cfg.head_dim, cfg.spatial_merge_size).to(dev)  # (N, Dh)
+        angles = rotary_angles(grids, cfg.head_dim, cfg.spatial_merge_size, cfg.rope_theta).to(dev)  # (N, Dh)
         frames = make_segments([h * w for t, h, w in grids for _ in range(t)], dev)
         windows = None
         if self.family == "qwen2_5_vl":

@@ -17,8 +17,9 @@ TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
 PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
 
 
-def hf_config(family, tie=False, rope_format="rope_parameters"):
-    """A tiny transformers config of one family. rope_format "rope_scaling" gives the flat transformers-4 style."""
+def hf_config(family, tie=False, rope_format="rope_parameters", text_extra=None, vision_extra=None):
+    """A tiny transformers config of one family. rope_format "rope_scaling" gives the flat transformers-4 style;
+    text_extra / vision_extra override fields of the text / vision config."""
     import transformers as tf
 
     if family in ("qwen2_vl", "qwen2_5_vl"):
@@ -41,6 +42,8 @@ def hf_config(family, tie=False, rope_format="rope_parameters"):
         if family == "qwen3_vl_moe":
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1)
             cls = tf.Qwen3VLMoeConfig
+    text.update(text_extra or {})
+    vision.update(vision_extra or {})
     return cls(text_config=text, vision_config=vision, tie_word_embeddings=tie, **IDS)
 
 

@@ -276,20 +276,24 @@ def test_equal_to_transformers_rendering(tmp_path, pictures, generation):
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="transformers' processors need "
                     "torchvision for their video half")
+@pytest.mark.parametrize("use_fast", [True, False])
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
-def test_equal_to_transformers_processor(tmp_path, pictures, model_type):
+def test_equal_to_transformers_processor(tmp_path, pictures, model_type, use_fast):
     tf = pytest.importorskip("transformers")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
         video = Qwen2VLVideoProcessor()
     except Exception as e:  # noqa: BLE001 - a torchvision build that does not load counts as absent
         pytest.skip(f"torchvision does not load: {e}")
-    p = make(tmp_path, model_type)
+    make(tmp_path, model_type)  # the processor files, with small pixel limits
     directory = tmp_path / model_type
+    p = Processor.from_pretrained(directory, use_fast=use_fast)
     cls = tf.Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else tf.Qwen3VLProcessor
-    theirs = cls(image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory),
-                 tokenizer=tf.AutoTokenizer.from_pretrained(directory), video_processor=video)
+    images = (Qwen2VLImageProcessor if use_fast else Qwen2VLImageProcessorPil).from_pretrained(directory)
+    theirs = cls(image_processor=images, tokenizer=tf.AutoTokenizer.from_pretrained(directory),
+                 video_processor=video)
     conv = _with_paths(CONVERSATIONS[2], pictures)
     prompt = p.apply_chat_template(conv, add_generation_prompt=True)
     from PIL import Image

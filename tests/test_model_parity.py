@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minivl
-from helpers import (IDS, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text,
+from helpers import (IDS, hf_model, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text,
                      vision_block)
 
 TOL = 1e-4
@@ -121,3 +121,54 @@ def test_tied_checkpoint_without_lm_head(family, tmp_path):
 
 def test_ids_stay_small():
     assert max(IDS.values()) < 256
+
+
+# an activation unlike the family's default in the vision tower and in the decoder, and a vision rotary base
+# unlike 10000: each changes the logits by far more than the tolerance (checked below by undoing it)
+OTHER_ACTIVATIONS = {"qwen2_vl": ("gelu", "gelu_pytorch_tanh"), "qwen2_5_vl": ("gelu_pytorch_tanh", "relu2"),
+                     "qwen3_vl": ("quick_gelu", "gelu_new"), "qwen3_vl_moe": ("silu", "gelu")}
+
+
+@pytest.mark.parametrize("family", list(OTHER_ACTIVATIONS))
+def test_non_default_activations_and_vision_rope_theta(family, tmp_path):
+    from minivl.config import VISION_DEFAULTS
+    from minivl.text import ACTIVATIONS
+
+    vision_act, text_act = OTHER_ACTIVATIONS[family]
+    hf = hf_model(family, vision_extra={"hidden_act": vision_act, "rope_parameters": {"rope_theta": 500.0}},
+                  text_extra={"hidden_act": text_act})
+    with torch.no_grad():  # MLP inputs well beyond 0.1, where activations part ways, so each one shows
+        for name, p in hf.named_parameters():
+            if ".mlp." in name and "weight" in name and "visual.blocks" in name:
+                p.mul_(20)
+    hf.save_pretrained(tmp_path)
+    ours = minivl.load(tmp_path)
+    assert (ours.cfg.vision.hidden_act, ours.cfg.text.hidden_act, ours.cfg.vision.rope_theta) == (
+        vision_act, text_act, 500.0)
+    grids, _ = grids_for(family)
+    ids = torch.tensor([text(5, 2) + vision_block(grids[0]) + text(7, 3)])
+    pv, thw = pixels(family, grids[:1])
+    assert run_both(hf, ours, ids, pixel_values=pv, image_grid_thw=thw) <= TOL
+    # computing with the family's default activation instead is far off, in the decoder and in the vision tower
+    for layer in ours.model.language_model.layers:
+        layer.mlp.act = ACTIVATIONS["silu"]
+    assert run_both(hf, ours, ids, pixel_values=pv, image_grid_thw=thw) > 10 * TOL
+    ours = minivl.load(tmp_path)
+    for block in ours.model.visual.blocks:
+        block.mlp.act = ACTIVATIONS[VISION_DEFAULTS[family]["hidden_act"]]
+    assert run_both(hf, ours, ids, pixel_values=pv, image_grid_thw=thw) > 10 * TOL
+
+
+def test_placeholders_inside_the_padding_are_named(pair):
+    # transformers 5.17 has no defined result here: it fills every placeholder with features but gives grids to
+    # the attended ones only, in order, so a later image takes an earlier one's grid (or a shape error)
+    family, hf, ours = pair
+    grids, _ = grids_for(family)
+    rows = [vision_block(grids[0]) + text(5, 1), text(2, 2) + vision_block(grids[1]) + text(3, 3)]
+    ids, mask = left_pad(rows)
+    mask[0, : mask.shape[1] - 5] = 0  # row 0 attends only to its text: its image block lies in the padding
+    pv, thw = pixels(family, grids)
+    n = grids[0][1] * grids[0][2] // 4
+    with pytest.raises(ValueError, match=rf"{n} image/video placeholder tokens sit inside the padding "
+                                         r"\(attention_mask 0\) of batch rows \[0\]"):
+        ours(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw)

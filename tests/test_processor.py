@@ -1,8 +1,11 @@
-"""Image preprocessing against transformers' slow (PIL) Qwen2-VL image processor, plus loading and bad input.
+"""Image preprocessing against transformers' two Qwen2-VL image processors, plus loading and bad input.
 
-Qwen2-VL, Qwen2.5-VL and Qwen3-VL all use transformers' Qwen2VLImageProcessor class with their own
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL all use transformers' Qwen2-VL image processor with their own
 preprocessor_config.json (patch 14 / CLIP statistics, patch 16 / 0.5); each family is checked with its
 published values and with small pixel limits that force the shrink and grow branches of smart_resize.
+The PIL path (use_fast=False) is checked against transformers' PIL processor everywhere; the default torch path
+against transformers' torchvision processor where torchvision imports, and everywhere against a float64
+reference of the resampling written out below.
 """
 
 import functools
@@ -15,7 +18,7 @@ import pytest
 import torch
 from processor_helpers import FAMILIES, PREPROCESSOR, family_dir, noise_image, processor
 
-from minivl.processor import Processor, fit_total_pixels, smart_resize
+from minivl.processor import Processor, VisionSettings, family_defaults, fit_total_pixels, smart_resize
 
 # (width, height): tiny, square, odd, very wide, very tall, large; 25 sizes, aspect ratios up to 187
 SIZES = [(5, 3), (10, 10), (27, 29), (28, 28), (56, 56), (100, 37), (333, 517), (640, 480), (480, 640),
@@ -30,6 +33,14 @@ def hf_image_processor(directory):
     return tf_pil.Qwen2VLImageProcessorPil.from_pretrained(directory)
 
 
+def hf_fast_image_processor(directory):
+    try:  # PyPI's torchvision wheels need the CUDA build of torch: beside a CPU-only torch they do not import
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"transformers' torchvision processor does not import: {e}")
+    return Qwen2VLImageProcessor.from_pretrained(directory)
+
+
 @functools.lru_cache(maxsize=1)
 def _images():
     out = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
@@ -40,15 +51,17 @@ def images():
     return list(_images())
 
 
+@pytest.mark.parametrize("use_fast", [False, True])
 @pytest.mark.parametrize("limits", ["published", "small"])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_images_equal_transformers(tmp_path, model_type, limits):
+def test_images_equal_transformers(tmp_path, model_type, limits, use_fast):
     pre = dict(PREPROCESSOR[model_type])
     if limits == "small":
         pre.pop("size", None)
         pre.update(SMALL)
     directory = family_dir(tmp_path, model_type, preprocessor=pre)
-    ours, theirs = Processor.from_pretrained(directory), hf_image_processor(directory)
+    ours = Processor.from_pretrained(directory, use_fast=use_fast)
+    theirs = (hf_fast_image_processor if use_fast else hf_image_processor)(directory)
     worst = 0.0
     for image in images():
         mine = ours.process_images([image])
@@ -191,22 +204,151 @@ def test_bytes_dict_like_parquet(tmp_path):
     assert out["image_grid_thw"].tolist() == [[1, 4, 4]]
 
 
-@pytest.mark.skipif(os.environ.get("MINIVL_FAST_PROCESSOR") is None,
-                    reason="measures transformers' torchvision processor; set MINIVL_FAST_PROCESSOR=1 with "
-                           "torchvision installed")
+def resample_reference(image, height, width, a=-0.5, clamp_between_passes=True, antialias=True):
+    """Antialiased bicubic resampling in float64, (H, W, C) uint8 -> (height, width, C), written from its
+    definition: each output pixel a normalised weighted sum of the input pixels within 2 * max(scale, 1) of its
+    centre, cubic weights (a = -0.5, the antialiasing kernel of PIL and torch) stretched by max(scale, 1); the
+    width first, rounded and clamped to uint8, then the height (torch's uint8 kernel keeps PIL's order)."""
+    def weights(n_in, n_out):
+        scale = n_in / n_out
+        stretch = max(scale, 1.0) if antialias else 1.0
+        out = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            centre = scale * (i + 0.5)
+            lo, hi = max(int(centre - 2 * stretch + 0.5), 0), min(int(centre + 2 * stretch + 0.5), n_in)
+            x = np.abs((np.arange(lo, hi) - centre + 0.5) / stretch)
+            w = np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                         np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+            out[i, lo:hi] = w / w.sum()
+        return out
+
+    def to_uint8(x):
+        return np.clip(np.round(x), 0, 255)
+
+    x = np.asarray(image, dtype=np.float64).transpose(0, 2, 1)  # (H, C, W)
+    x = x @ weights(x.shape[-1], width).T  # (H, C, width)
+    x = to_uint8(x) if clamp_between_passes else x
+    x = weights(x.shape[0], height) @ x.reshape(x.shape[0], -1)  # (height, C * width)
+    return to_uint8(x.reshape(height, -1, width).transpose(0, 2, 1))  # (height, width, C)
+
+
+# upscaled, downscaled, one side each way, squeezed to a strip: the resize cases of the processor
+RESIZES = [((100, 37), (112, 56)), ((333, 517), (336, 504)), ((10, 10), (256, 256)), ((300, 300), (100, 100)),
+           ((700, 20), (644, 28)), ((777, 555), (308, 224))]
+
+
+def test_fast_resize_equals_a_float64_reference():
+    from minivl.processor import normalize_frames_torch
+
+    identity = VisionSettings(patch_size=14, min_pixels=0, max_pixels=0, image_mean=(0, 0, 0),
+                              image_std=(1, 1, 1), rescale_factor=1.0)
+    wrong_ways = (dict(a=-0.75), dict(clamp_between_passes=False), dict(antialias=False))
+    worst_wrong = [0.0] * len(wrong_ways)
+    for seed, ((w, h), (tw, th)) in enumerate(RESIZES):
+        image = noise_image(w, h, seed=seed)
+        ours = normalize_frames_torch([image], th, tw, identity)[0].transpose(1, 2, 0)  # (th, tw, C) in 0..255
+        diff = np.abs(ours - resample_reference(image, th, tw))
+        # torch weighs in 16-bit fixed point: a rounding step now and then, never more than two
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.02, ((w, h), diff.max(), (diff > 0).mean())
+        for k, wrong in enumerate(wrong_ways):
+            off = np.abs(ours - resample_reference(image, th, tw, **wrong)).max()
+            worst_wrong[k] = max(worst_wrong[k], off)
+        same_size = normalize_frames_torch([image], h, w, identity)[0].transpose(1, 2, 0)
+        assert np.array_equal(same_size, np.asarray(image))
+    # each way of getting it wrong moves these noisy images by many levels somewhere
+    assert min(worst_wrong) >= 10, worst_wrong
+
+
+def test_fast_normalisation_in_float32():
+    # transformers fuses rescale and normalise: (x - mean / rescale) / (std / rescale), in float32
+    from minivl.processor import normalize_frames_torch
+
+    image = noise_image(64, 48, seed=5)
+    for settings in (family_defaults("qwen2_5_vl").vision, family_defaults("qwen3_vl").vision):
+        ours = normalize_frames_torch([image], 48, 64, settings)[0]
+        x = np.asarray(image, dtype=np.float64).transpose(2, 0, 1)
+        mean, std = (np.array(v)[:, None, None] for v in (settings.image_mean, settings.image_std))
+        ref = (x / 255 - mean) / std
+        assert ours.dtype == np.float32 and np.abs(ours - ref).max() < 1e-5
+
+
+def test_use_fast_picks_the_path(tmp_path):
+    directory = family_dir(tmp_path, "qwen2_5_vl")
+    image = noise_image(100, 37, seed=1)  # upscaled, where the two resamplers differ most
+    default, fast, pil = (Processor.from_pretrained(directory, **kw) for kw in ({}, {"use_fast": True},
+                                                                                 {"use_fast": False}))
+    assert default.use_fast and fast.use_fast and not pil.use_fast
+    rows = {name: p.process_images([image])["pixel_values"] for name, p in
+            (("default", default), ("fast", fast), ("pil", pil))}
+    assert torch.equal(rows["default"], rows["fast"])
+    assert (rows["fast"] - rows["pil"]).abs().max() > 0.05  # about 17 grey levels on this image
+
+
+@pytest.mark.parametrize("use_fast", [None, True, False])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_fast_processor_differences(tmp_path, model_type):
-    # the torchvision processor resizes with antialiased bicubic on tensors: same grids, slightly other values
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    directory = family_dir(tmp_path, model_type)
-    ours, fast = Processor.from_pretrained(directory), Qwen2VLImageProcessor.from_pretrained(directory)
-    diffs = []
-    for image in images():
-        mine = ours.process_images([image])
-        ref = fast(images=[image], return_tensors="np")
+def test_use_fast_chooses_as_transformers_auto_image_processor(tmp_path, model_type, use_fast):
+    # a use_fast key in the file changes nothing in transformers 5.17, nor does image_processor_type
+    directory = family_dir(tmp_path, model_type, preprocessor={**PREPROCESSOR[model_type], "use_fast": False})
+    hf_fast_image_processor(directory)  # skips where transformers' torchvision processor does not import
+    from transformers import AutoImageProcessor
+
+    kw = {} if use_fast is None else {"use_fast": use_fast}
+    ours, theirs = Processor.from_pretrained(directory, **kw), AutoImageProcessor.from_pretrained(directory, **kw)
+    image = noise_image(100, 37, seed=1)
+    ref = theirs(images=[image], return_tensors="np")["pixel_values"]
+    assert np.abs(ours.process_images([image])["pixel_values"].numpy() - ref).max() <= 1e-5
+
+
+def test_preprocessor_fields_left_out_take_transformers_defaults(tmp_path):
+    # transformers' class defaults: patch 14, CLIP statistics, 3136..1003520 pixels, whatever the family
+    pre = {"image_processor_type": "Qwen2VLImageProcessorFast"}
+    directory = family_dir(tmp_path, "qwen3_vl", preprocessor=pre)
+    ours, theirs = Processor.from_pretrained(directory, use_fast=False), hf_image_processor(directory)
+    assert ours.vision == VisionSettings(patch_size=14, min_pixels=3136, max_pixels=1003520)
+    for image in images()[:8]:
+        mine, ref = ours.process_images([image]), theirs(images=[image], return_tensors="np")
         assert mine["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
-        d = np.abs(mine["pixel_values"].numpy() - ref["pixel_values"])
-        diffs.append((image.size, float(d.max()), float(d.mean())))
-    print(model_type, "max", max(m for _, m, _ in diffs), "mean", np.mean([a for *_, a in diffs]))
-    for size, mx, mean in diffs:
-        print(f"  {size}: max {mx:.4f} mean {mean:.5f}")
+        assert np.abs(mine["pixel_values"].numpy() - ref["pixel_values"]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("field,value", [("do_resize", False), ("do_normalize", False), ("do_rescale", False),
+                                         ("do_convert_rgb", False), ("resample", 2)])
+def test_preprocessor_values_minivl_does_not_compute_are_refused(tmp_path, field, value):
+    pre = {**PREPROCESSOR["qwen2_5_vl"], field: value}
+    with pytest.raises(ValueError, match=rf"preprocessor_config.json sets {field}={value!r}"):
+        Processor.from_pretrained(family_dir(tmp_path, "qwen2_5_vl", preprocessor=pre))
+    video = {field: value}
+    with pytest.raises(ValueError, match=rf"video_preprocessor_config.json sets {field}={value!r}"):
+        Processor.from_pretrained(family_dir(tmp_path / "v", "qwen2_5_vl", video=video))
+
+
+def test_preprocessor_size_needs_both_edges(tmp_path):
+    pre = {**PREPROCESSOR["qwen3_vl"], "size": {"shortest_edge": 65536}}
+    with pytest.raises(ValueError, match=r"size=\{'shortest_edge': 65536\} needs shortest_edge and"):
+        Processor.from_pretrained(family_dir(tmp_path, "qwen3_vl", preprocessor=pre))
+    pre["max_pixels"] = 2**20  # as in transformers, max_pixels fills the missing edge
+    p = Processor.from_pretrained(family_dir(tmp_path, "qwen3_vl", preprocessor=pre))
+    assert (p.vision.min_pixels, p.vision.max_pixels) == (65536, 2**20)
+
+
+def test_video_config_must_agree_with_the_images(tmp_path):
+    ok = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3, "fps": 1.0}
+    assert Processor.from_pretrained(family_dir(tmp_path / "a", "qwen3_vl", video=ok)).family.video.fps == 1.0
+    with pytest.raises(ValueError, match=r"video_preprocessor_config.json sets patch_size=14 but the images use"):
+        Processor.from_pretrained(family_dir(tmp_path / "b", "qwen3_vl", video={**ok, "patch_size": 14}))
+    with pytest.raises(ValueError, match=r"sets image_std=\[0.3, 0.3, 0.3\] but the images use \(0.5, 0.5, 0.5"):
+        Processor.from_pretrained(family_dir(tmp_path / "c", "qwen3_vl", video={**ok, "image_std": [0.3] * 3}))
+
+
+@pytest.mark.parametrize("gen,message", [({"eos_token_id": "<|im_end|>"}, "eos_token_id='<|im_end|>' is "),
+                                         ({"eos_token_id": []}, r"eos_token_id=\[\] is neither"),
+                                         ({"eos_token_id": [5, 10**7]}, r"eos_token_id=\[5, 10000000\] names"),
+                                         ({"pad_token_id": 1.5}, "pad_token_id=1.5 is neither")])
+def test_generation_config_ids_are_checked(tmp_path, gen, message):
+    directory = family_dir(tmp_path, "qwen2_5_vl")
+    (directory / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(ValueError, match=f"generation_config.json: {message}"):
+        Processor.from_pretrained(directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": 7, "pad_token_id": 3}))
+    p = Processor.from_pretrained(directory)
+    assert (p.eos_token_ids, p.pad_token_id) == ([7], 3)

@@ -15,10 +15,10 @@ Each `<image>` in the text takes the next entry of `images` (or `image`), in ord
 images go before the first user text (ms-swift does the same). An image is a path (relative paths are relative to
 the data file), a data URL or base64 string, raw bytes, or {"bytes": ..., "path": ...} (Hugging Face datasets).
 
-Too long for max_length: a sample is cut inside its text when every image token lies before the cut
-(truncation "right"), and dropped otherwise, since cutting through image tokens breaks the image-feature count
-(trl #5285); `truncation_strategy="delete"` drops every too-long sample. The dropped count travels with the batch
-so the trainer can log it.
+Too long for max_length: `truncation_strategy="delete"` (ms-swift's default) drops the sample; "right" cuts it
+inside its text when every image token lies before the cut, and drops it otherwise, since cutting through image
+tokens breaks the image-feature count (trl #5285). `SFTDataset.fitting_rows()` checks a whole data set before
+training from the image headers alone; the dropped count also travels with each batch.
 
 Simplified: no streaming (rows are read up front; images are decoded when a sample is encoded), no videos in the
 file formats, no per-message loss switches. Tests: tests/test_data.py.
@@ -64,7 +64,10 @@ def read_records(path):
                 from None
         return [(f"{path}:{i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
     if path.suffix == ".json":
-        records = json.loads(path.read_text())
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: a .json dataset must hold a list of objects")
         return [(f"{path}:{i + 1}", r) for i, r in enumerate(records)]
@@ -107,12 +110,12 @@ def to_conversation(record, where):
         query, response = _first(record, QUERY_KEYS), _first(record, RESPONSE_KEYS)
         if "instruction" in record and record.get("input"):  # alpaca: instruction, then input
             query = f"{record['instruction']}\n{record['input']}"
-        if query is None or response is None:
+        if query is None:
             raise ValueError(f"{where}: a record needs 'messages', 'conversations', or 'query' and 'response' "
                              f"(got keys {sorted(record)})")
         pairs = [tuple(pair) for pair in record.get("history") or []] + [(query, response)]
     for q, r in pairs:
-        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        turns += [{"role": "user", "content": q}] + ([{"role": "assistant", "content": r}] if r is not None else [])
     return turns
 
 
@@ -144,9 +147,10 @@ def resolve_image(image, base_dir, where):
     raise FileNotFoundError(f"{where}: image file not found: {full}")
 
 
-def load_rows(paths, system=None):
+def load_rows(paths, system=None, need_answer=True):
     """Every record of the data files as a Row. Problems a run would otherwise meet hours later (a missing
-    image file, more or fewer <image> tags than images, an empty file) are errors here, naming the line."""
+    image file, more or fewer <image> tags than images, an empty file) are errors here, naming the line.
+    need_answer=False also takes conversations that end on a user turn (prompts to answer)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     rows = []
     for path in paths:
@@ -157,15 +161,15 @@ def load_rows(paths, system=None):
         for where, record in records:
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: each record must be a JSON object")
-            rows.append(make_row(record, base_dir, where, system))
+            rows.append(make_row(record, base_dir, where, system, need_answer))
     if not rows:
         raise ValueError(f"no rows in {[str(p) for p in paths]}")
     return rows
 
 
-def make_row(record, base_dir, where, system=None):
+def make_row(record, base_dir, where, system=None, need_answer=True):
     conversation = to_conversation(record, where)
-    if not conversation or conversation[-1]["role"] != "assistant":
+    if not conversation or (need_answer and conversation[-1]["role"] != "assistant"):
         raise ValueError(f"{where}: the conversation must end with an assistant answer to train on")
     if system is not None and conversation[0]["role"] != "system":
         conversation.insert(0, {"role": "system", "content": system})
@@ -201,7 +205,7 @@ class SFTDataset(torch.utils.data.Dataset):
     """Rows encoded on demand (images are read here, so DataLoader workers can do it) -> one sample of
     processor.encode with labels, or None when the sample is too long and must be dropped."""
 
-    def __init__(self, rows, processor, max_length=None, truncation_strategy="right"):
+    def __init__(self, rows, processor, max_length=None, truncation_strategy="delete"):
         if truncation_strategy not in ("right", "delete"):
             raise ValueError(f"truncation_strategy must be 'right' or 'delete', got {truncation_strategy!r}")
         self.rows, self.processor = rows, processor
@@ -211,11 +215,18 @@ class SFTDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
+        return self.fit(self.encode(i))
+
+    def encode(self, i, pixels=True):
+        """Sample i as the processor encodes it, whatever its length; pixels=False reads image headers only."""
         row = self.rows[i]
         try:
-            sample = self.processor.encode(row.conversation, images=row.images, return_labels=True)
+            return self.processor.encode(row.conversation, images=row.images, return_labels=True, pixels=pixels)
         except (ValueError, FileNotFoundError, TypeError) as e:
             raise type(e)(f"{row.source}: {e}") from None
+
+    def fit(self, sample):
+        """A sample cut to max_length, or None when it must be dropped."""
         L, limit = len(sample["input_ids"]), self.max_length
         if limit is None or L <= limit:
             return sample
@@ -224,6 +235,25 @@ class SFTDataset(torch.utils.data.Dataset):
             return None  # cutting here would cut through an image: drop the whole sample
         sample["input_ids"], sample["labels"] = sample["input_ids"][:limit], sample["labels"][:limit]
         return sample
+
+    def fitting_rows(self):
+        """The rows that still train once cut to max_length, and what the cut does to the others: {"dropped"
+        (longer, not cut), "cut" (cut, some answer left), "no_answer" (cut before the answer: left out too),
+        "longest" (tokens)}. Images are read up to their headers, so this costs no pixel work."""
+        kept, counts = [], {"dropped": 0, "cut": 0, "no_answer": 0, "longest": 0}
+        for i, row in enumerate(self.rows):
+            sample = self.encode(i, pixels=False)
+            L = len(sample["input_ids"])
+            counts["longest"] = max(counts["longest"], L)
+            sample = self.fit(sample)
+            if sample is None:
+                counts["dropped"] += 1
+            elif count_label_tokens(sample["labels"][None]) == 0:
+                counts["no_answer"] += 1
+            else:
+                kept.append(row)
+                counts["cut"] += L > len(sample["input_ids"])
+        return kept, counts
 
     def collate(self, samples):
         """processor.pad (right padding) of the kept samples; "num_dropped" counts the dropped ones. A batch

@@ -205,7 +205,9 @@ def adapter_config(model, base_model, modules_to_save=(), init_weights=True, dro
     (r, alpha), = ranks
     return {
         "peft_type": "LORA", "task_type": None,
-        "base_model_name_or_path": str(base_model) if base_model else None,
+        # a local base is stored as an absolute path, so the adapter finds it from any directory
+        "base_model_name_or_path": (str(Path(base_model).resolve()) if base_model and Path(base_model).is_dir()
+                                    else str(base_model) if base_model else None),
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora, "use_dora": False,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": init_weights, "inference_mode": True,
         "target_modules": compact_regex([n for n, _ in layers], linear_names(model)),

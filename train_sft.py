@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minivl
-from minivl import data, lora, training  # first: minivl.lora checks that `kernels` is minivl's
+from minivl import chat, data, lora, training  # first: minivl.lora checks that `kernels` is minivl's
 from kernels.logprobs import linear_token_logprobs  # noqa: I001
 from minivl.processor import IGNORE_INDEX, PROCESSOR_FILES
 
@@ -259,21 +259,17 @@ def exact_match(model, processor, rows, batch_size):
     """Share of rows whose greedy answer equals the reference answer (the last assistant turn)."""
     was_training = model.training
     model.eval()
-    eos = processor.eos_token_ids
     hits = 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         refs = [r.conversation[-1]["content"].strip() for r in chunk]
-        batch = processor([r.conversation[:-1] for r in chunk], images=[r.images for r in chunk],
-                          add_generation_prompt=True)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
         # room for the longest reference and its eos; at least 4 tokens, since the CUDA-graph sampler's warm-up
         # writes 3 output columns before it checks for the end
         longest = max(len(processor.tokenizer.encode(ref).ids) for ref in refs)
-        out = minivl.generate(model, batch, max_new_tokens=max(4, longest + 1), temperature=0.0, eos_token_id=eos,
-                              seed=0)  # a fixed seed: sampling must not draw from the training RNG
-        answers = [processor.decode([t for t in row[:n] if t not in eos]).strip()
-                   for row, n in zip(out.tokens.tolist(), out.lengths.tolist())]
+        # a fixed seed: sampling must not draw from the training RNG
+        answers, _ = chat.answer(model, processor, [r.conversation[:-1] for r in chunk],
+                                 images=[r.images for r in chunk], max_new_tokens=max(4, longest + 1),
+                                 temperature=0.0, seed=0)
         hits += sum(a == r for a, r in zip(answers, refs))
     model.train(was_training)
     return hits / max(1, len(rows))

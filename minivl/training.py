@@ -41,7 +41,7 @@ def show_defaults(parser):
     """--help gives each option's default (argparse prints it only for options that already have help text)."""
     for action in parser._actions:
         if action.option_strings and action.default not in (None, [], argparse.SUPPRESS) and action.help != argparse.SUPPRESS:
-            if "default" not in (action.help or ""):
+            if "default:" not in (action.help or ""):
                 default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
                 action.help = ((action.help or "") + f" (default: {default})").strip().replace("%", "%%")
 
@@ -198,7 +198,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "w")
         self.file.write("".join(line + "\n" for line in kept))
-        self.tensorboard = self.wandb = self.swanlab = None
+        self.tensorboard = self.wandb = self.swanlab = None  # the trackers' run objects
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -209,19 +209,18 @@ class MetricsLog:
                                      "tensorboard (or --report_to none)") from None
                 print("note: tensorboard is not installed; metrics go to logging.jsonl only")
         if "wandb" in report_to:
-            self.wandb = _import("wandb")
             # WANDB_PROJECT, WANDB_MODE (offline) and the API key come from the environment, as with transformers
-            self.wandb.init(project=os.environ.get("WANDB_PROJECT", "minivl"), name=str(output_dir),
-                            dir=str(output_dir), config=config)
+            self.wandb = _import("wandb").init(project=os.environ.get("WANDB_PROJECT", "minivl"),
+                                               name=str(output_dir), dir=str(output_dir), config=config)
         if "swanlab" in report_to:
-            self.swanlab = _import("swanlab")
-            swanlab = swanlab or {}
+            package, swanlab = _import("swanlab"), swanlab or {}
             if swanlab.get("token"):
-                self.swanlab.login(api_key=swanlab["token"])
-            mode = {"cloud": "online"}.get(swanlab.get("mode"), swanlab.get("mode"))
-            self.swanlab.init(project=swanlab.get("project") or "minivl", workspace=swanlab.get("workspace"),
-                              name=swanlab.get("exp_name") or str(output_dir), config=config,
-                              log_dir=str(Path(output_dir) / "swanlog"), mode=mode)
+                package.login(api_key=swanlab["token"])
+            mode = {"cloud": "online"}.get(swanlab.get("mode"), swanlab.get("mode"))  # ms-swift says cloud
+            self.swanlab = package.init(project=swanlab.get("project") or "minivl",
+                                        workspace=swanlab.get("workspace"), config=config, mode=mode,
+                                        name=swanlab.get("exp_name") or str(output_dir),
+                                        log_dir=str(Path(output_dir) / "swanlog"))
 
     def log(self, entry):
         """entry: {"step": N, metric: value, ...}; eval metrics are named eval_*."""
@@ -297,8 +296,8 @@ class Progress:
         width = shutil.get_terminal_size((100, 24)).columns - 1
         fill = round(20 * self.step / max(1, self.total))
         parts = self.status().split(", ")
-        line = " | ".join([f"step {parts[0]} |{self.cells[0] * fill}{self.cells[1] * (20 - fill)}|"]
-                          + ([f"loss {self.loss:.4g}"] if self.loss is not None else []) + parts[1:])
+        line = f"step {parts[0]} |{self.cells[0] * fill}{self.cells[1] * (20 - fill)}| " + " | ".join(
+            ([f"loss {self.loss:.4g}"] if self.loss is not None else []) + parts[1:])
         self.stream.write("\r" + line[:width] + "\x1b[K")  # \x1b[K clears what a longer line left behind
         self.stream.flush()
         self.drawn, self.shown = time.time(), True

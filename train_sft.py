@@ -26,14 +26,15 @@ Training modes (`--train_type`):
 A frozen vision tower runs under no_grad; gradient checkpointing is non-reentrant, so LoRA inside a
 checkpointed vision tower gets its gradients (peft #2880).
 
-Outputs in --output_dir (`--add_version true`: in a new `v<N>-<date>-<time>` subdirectory of it, as ms-swift
-writes; a directory that already holds a run is refused unless the run resumes or --overwrite_output_dir true
-replaces it): `checkpoint-N/` (the adapter in PEFT's format, or the full model in the official
-layout, plus the processor files, optimizer / scheduler / RNG state and the data position, so
+Outputs in --output_dir (with `--add_version true`, in a new `v<N>-<YYYYMMDD>-<HHMMSS>` subdirectory of it, as
+ms-swift writes; a directory holding another run is refused unless this run resumes it or
+--overwrite_output_dir true replaces it): `checkpoint-N/` (the adapter in PEFT's format, or the full model in the
+official layout, plus the processor files, optimizer / scheduler / RNG state and the data position, so
 `--resume_from_checkpoint` continues exactly), `logging.jsonl` (trl's metric names), `args.json`, and
-TensorBoard event files when tensorboard is installed (`--report_to wandb` / `swanlab` log there too). On a
-terminal a progress bar shows step, loss, speed and time left; in a log file each log line carries them. Checkpoints are written under a temporary name and
-renamed. `--save_total_limit k` keeps the checkpoint with the lowest eval loss and the latest ones, k in all.
+TensorBoard event files when tensorboard is installed (`--report_to wandb` / `swanlab` log there too).
+Checkpoints are written under a temporary name and renamed. `--save_total_limit k` keeps the checkpoint with the
+lowest eval loss and the latest ones, k in all. On a terminal a progress bar shows step, loss, speed and time
+left; in a log file each log line carries them.
 
 What it simplifies, compared with ms-swift: no packing or padding-free batches, no DeepSpeed/FSDP sharding (each
 GPU holds the whole model), no videos in the data files, no per-message loss scales, no versioned output
@@ -44,7 +45,6 @@ Shapes: B batch, T tokens, D LLM width, V vocabulary.
 
 import argparse
 import contextlib
-import difflib
 import json
 import math
 import os
@@ -368,8 +368,8 @@ def main(argv=None):
         # every sample measured now (image headers only): what --max_length drops, cuts, or leaves answerless
         n_rows, n_val = len(rows), len(val_rows)
         rows, fit = data.SFTDataset(rows, processor, args.max_length, args.truncation_strategy).fitting_rows()
-        val_rows, val_fit = data.SFTDataset(val_rows, processor, args.max_length,
-                                            args.truncation_strategy).fitting_rows()
+        val_rows, _ = data.SFTDataset(val_rows, processor, args.max_length,
+                                      args.truncation_strategy).fitting_rows()
         say(f"--max_length {args.max_length}, --truncation_strategy {args.truncation_strategy}: of {n_rows} "
             f"training samples {fit['dropped']} dropped as too long, {fit['no_answer']} left out (the cut leaves "
             f"no answer), {fit['cut']} cut (longest: {fit['longest']} tokens); of {n_val} eval samples "
@@ -455,7 +455,8 @@ def main(argv=None):
             output_dir, args.report_to or ["tensorboard"], public_args,
             resumed_step=state["global_step"] if resume is not None else None, logging_dir=args.logging_dir,
             explicit=args.report_to is not None,
-            swanlab={k: getattr(args, "swanlab_" + k) for k in ("project", "workspace", "exp_name", "mode", "token")})
+            swanlab={k: getattr(args, "swanlab_" + k)
+                     for k in ("project", "workspace", "exp_name", "mode", "token")})
 
     def all_sum(*values):
         t = torch.tensor(values, dtype=torch.float64, device=device)

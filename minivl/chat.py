@@ -64,9 +64,7 @@ def load_model(model=None, adapters=None, dtype=None, device="cpu", max_pixels=N
         if model is None:
             raise SystemExit("give --model (a checkpoint directory or hub id), or --adapters (a LoRA checkpoint)")
         return load(model, dtype=dtype, device=device), Processor.from_pretrained(model, max_pixels=max_pixels)
-    base = model or lora.read_adapter_config(adapters).get("base_model_name_or_path")
-    if not base:
-        raise SystemExit(f"{adapters}/adapter_config.json names no base model: pass --model")
+    base = lora.base_model(adapters, model)
     merged = load(base, dtype=dtype, device=device)
     lora.load_adapter(merged, adapters)
     lora.merge(merged)

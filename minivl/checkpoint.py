@@ -63,8 +63,8 @@ def read_config(directory):
     if not path.exists() and adapter.is_file():
         base = json.loads(adapter.read_text()).get("base_model_name_or_path")
         raise FileNotFoundError(
-            f"{directory} is a LoRA adapter (adapter_config.json; its base model: {base}), not a whole model. Load "
-            f"the base model and the adapter: --model {base} --adapters {directory} (python -m minivl.chat), "
+            f"{directory} is a LoRA adapter (adapter_config.json; its base model: {base}), not a whole model. "
+            f"Load the base model and the adapter: --model {base} --adapters {directory} (python -m minivl.chat), "
             f"minivl.lora.load_adapter(model, dir) in Python; or merge them into a model: python -m minivl.export "
             f"--adapters {directory} --merge_lora true")
     if not path.exists():

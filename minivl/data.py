@@ -115,7 +115,9 @@ def to_conversation(record, where):
                              f"(got keys {sorted(record)})")
         pairs = [tuple(pair) for pair in record.get("history") or []] + [(query, response)]
     for q, r in pairs:
-        turns += [{"role": "user", "content": q}] + ([{"role": "assistant", "content": r}] if r is not None else [])
+        turns.append({"role": "user", "content": q})
+        if r is not None:  # a prompt to answer (minivl.chat) ends on the user's turn
+            turns.append({"role": "assistant", "content": r})
     return turns
 
 

@@ -46,7 +46,7 @@ if getattr(kernels, "MINIVL_KERNELS", False) is not True:  # Hugging Face's hub 
                       "first on sys.path")
 from kernels.lora import lora_linear  # noqa: E402
 
-from .checkpoint import file_to_module_name, module_to_file_name
+from .checkpoint import file_to_module_name, module_to_file_name, resolve
 from .config import ARCHITECTURES
 
 PREFIX = "base_model.model."  # what PEFT puts in front of the model's module names
@@ -253,6 +253,22 @@ def read_adapter_config(directory):
         if config.get(key):
             raise ValueError(f"{path}: {key}={config[key]!r} is not supported by minivl.lora")
     return config
+
+
+def base_model(directory, model=None):
+    """The base model of an adapter directory: `model` when given, else the base_model_name_or_path of its
+    adapter_config.json, which must be found (a local path is stored absolute, so it is, from any directory)."""
+    if model:
+        return model
+    base = read_adapter_config(directory).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{directory}/adapter_config.json names no base model: pass --model")
+    try:
+        resolve(base)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (the base model that {directory}/adapter_config.json names; pass --model "
+                                "to give it)") from None
+    return base
 
 
 def _model_name(key, family, known):

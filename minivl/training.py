@@ -40,10 +40,11 @@ def boolean(text):
 def show_defaults(parser):
     """--help gives each option's default (argparse prints it only for options that already have help text)."""
     for action in parser._actions:
-        if action.option_strings and action.default not in (None, [], argparse.SUPPRESS) and action.help != argparse.SUPPRESS:
-            if "default:" not in (action.help or ""):
-                default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
-                action.help = ((action.help or "") + f" (default: {default})").strip().replace("%", "%%")
+        shown = action.option_strings and action.default not in (None, [], argparse.SUPPRESS)
+        if shown and action.help != argparse.SUPPRESS and "default:" not in (action.help or ""):
+            default = action.default
+            default = " ".join(map(str, default)) if isinstance(default, list) else default
+            action.help = ((action.help or "") + f" (default: {default})").strip().replace("%", "%%")
 
 
 def parse_options(parser, argv, engines, harmless):
@@ -82,8 +83,8 @@ def check_trackers(report_to):
     """An error now, before anything loads, for a --report_to tracker whose package is not installed."""
     for name in report_to:
         if name != "none" and importlib.util.find_spec(name) is None:
-            raise SystemExit(f"--report_to {name} needs the {name} package: pip install {name} (or leave it out of "
-                             "--report_to)")
+            raise SystemExit(f"--report_to {name} needs the {name} package: pip install {name} (or leave it "
+                             "out of --report_to)")
 
 
 def relaunch_under_torchrun(script, argv):
@@ -172,12 +173,13 @@ def check_resume(path, train_type):
         advice = (f"resume it with --train_type {saved.get('train_type') or 'lora'}" if is_adapter else
                   f"resume it with --train_type full, or start a new LoRA run from its weights with --model {path}"
                   if is_model else "give a checkpoint-N directory written by train_sft.py")
-        raise SystemExit(f"--resume_from_checkpoint {path} holds {what} and this run is --train_type {train_type}: "
-                         f"{advice}")
+        raise SystemExit(f"--resume_from_checkpoint {path} holds {what} and this run is --train_type "
+                         f"{train_type}: {advice}")
     if not (path / "training_state.pt").is_file() or not (path / "trainer_state.json").is_file():
         raise SystemExit(f"--resume_from_checkpoint {path} has no training_state.pt / trainer_state.json (saved "
                          "with --save_only_model true?): it cannot continue a run exactly. Train from its weights "
-                         "instead: --model it (a full model), or merge a LoRA adapter first (python -m minivl.export)")
+                         "instead: --model it (a full model), or merge a LoRA adapter first (python -m "
+                         "minivl.export)")
 
 
 # ----------------------------------------------------------------------------------------------- logging
@@ -284,7 +286,8 @@ class Progress:
             return f"{self.step}/{self.total}, {clock(elapsed)} elapsed"
         rate = done / elapsed
         speed = f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step"
-        return f"{self.step}/{self.total}, {speed}, {clock(elapsed)} elapsed, {clock((self.total - self.step) / rate)} left"
+        left = clock((self.total - self.step) / rate)
+        return f"{self.step}/{self.total}, {speed}, {clock(elapsed)} elapsed, {left} left"
 
     def update(self, step, loss=None):
         self.step = step

@@ -49,12 +49,21 @@ def test_the_adapter_finds_its_base_from_any_directory(made, adapter, tmp_path, 
     monkeypatch.chdir(tmp_path)
     out, diff = export.merge_checkpoint(adapter, tmp_path / "merged")
     assert diff < 1e-4 and (out / "model.safetensors").is_file()
+    # a base that moved away: the error names where it looked and what to pass
+    moved = tmp_path / "moved"
+    shutil.copytree(adapter, moved)
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/gone/model"}))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint directory at /gone/model \(the base model that "
+                                                r".*moved/adapter_config.json names; pass --model"):
+        export.merge_checkpoint(moved, tmp_path / "merged2")
+    assert export.merge_checkpoint(moved, tmp_path / "merged3", model=made["model"])[1] < 1e-4
 
 
 def test_chat_answers_with_an_adapter_from_any_directory(made, adapter, tmp_path):
     image = sorted(made["images"].iterdir())[0]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MINIVL_KERNELS": "reference"}
-    expected = expected_answer(made, adapter, [{"role": "user", "content": "<image>" + QUESTION}], [str(image)], 32)
+    question = [{"role": "user", "content": "<image>" + QUESTION}]
+    expected = expected_answer(made, adapter, question, [str(image)], 32)
     for base, tokens in ((["--model", str(made["model"])], "--max_new_tokens"), ([], "--max-new-tokens")):
         done = subprocess.run([sys.executable, "-m", "minivl.chat", *base, "--adapters", str(adapter), "--image",
                                str(image), "--prompt", QUESTION, tokens, "32"], capture_output=True, text=True,
@@ -90,7 +99,8 @@ def test_generate_stops_at_the_checkpoint_eos_by_default(made, tmp_path):
     model = minivl.load(directory)
     processor = minivl.Processor.from_pretrained(directory)
     image = sorted(made["images"].iterdir())[0]
-    batch = processor([{"role": "user", "content": "<image>" + QUESTION}], images=[image], add_generation_prompt=True)
+    batch = processor([{"role": "user", "content": "<image>" + QUESTION}], images=[image],
+                      add_generation_prompt=True)
     free = minivl.generate(model, batch, max_new_tokens=6, temperature=0.0, eos_token_id=[]).tokens[0].tolist()
     stop = free[2]
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop], "pad_token_id": 0}))

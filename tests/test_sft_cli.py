@@ -31,9 +31,9 @@ def short(made, out, *extra):
 def test_ms_swift_options_with_separate_values(capsys):
     base = ["--model", "m", "--dataset", "d.jsonl"]
     # ms-swift's self-cognition examples: values after the option, one or several
-    args = train_sft.parse_args(base + ["--model_author", "swift", "--model_name", "swift-robot", "--lazy_tokenize",
-                                        "true", "--dataset_num_proc", "4", "--logging_first_step", "true",
-                                        "--learning_rate", "1e-4"])
+    args = train_sft.parse_args(base + ["--model_author", "swift", "--model_name", "swift-robot",
+                                        "--lazy_tokenize", "true", "--dataset_num_proc", "4",
+                                        "--logging_first_step", "true", "--learning_rate", "1e-4"])
     assert args.learning_rate == 1e-4
     assert train_sft.parse_args(base + ["--model_name", "小黄", "Xiao Huang", "--model_author=魔搭"]).model == "m"
     out = capsys.readouterr().out
@@ -174,8 +174,9 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(made, tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     monkeypatch.chdir(made["model"].parent.parent)                   # where demo_data/ is
     typo = f"{made['model'].parent.name}/modle"
-    with pytest.raises(FileNotFoundError, match=f"no checkpoint directory at {re.escape(str(made['model'].parent))}"
-                                                f"/modle \\(did you mean .*/model\\?\\)"):
+    where = re.escape(str(made["model"].parent))
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint directory at {where}/modle \\(did you mean "
+                                                f".*/model\\?\\)"):
         minivl.load(typo)
     with pytest.raises(FileNotFoundError, match="no checkpoint directory at"):
         minivl.Processor.from_pretrained(typo)
@@ -189,7 +190,8 @@ def test_resume_and_lora_as_model_errors_say_what_the_directory_is(made, tmp_pat
     run(made, tmp_path / "lora", "--train_type", "lora", "--max_steps", 1)
     run(made, tmp_path / "full", "--train_type", "full", "--max_steps", 1)
     adapter, full = tmp_path / "lora" / "checkpoint-1", tmp_path / "full" / "checkpoint-1"
-    with pytest.raises(SystemExit, match=r"no such directory \(looked for .*checkpoint-7\); .* holds checkpoint-1"):
+    with pytest.raises(SystemExit, match=r"no such directory \(looked for .*checkpoint-7\); .* holds "
+                                         r"checkpoint-1"):
         short(made, tmp_path / "a", "--resume_from_checkpoint", tmp_path / "lora" / "checkpoint-7")
     with pytest.raises(SystemExit, match="holds a full model and this run is --train_type lora: resume it with "
                                          "--train_type full"):
@@ -247,7 +249,8 @@ def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(made, tmp_path):
         chunks.append(chunk)
     assert proc.wait(timeout=300) == 0
     screen = b"".join(chunks).decode()
-    bar = re.compile(r"\rstep 3/3 \|█{20}\| loss [\d.]+ \| [\d.]+ (steps/s|s/step) \| \d+:\d\d elapsed \| 0:00 left")
+    bar = re.compile(r"\rstep 3/3 \|█{20}\| loss [\d.]+ \| [\d.]+ (steps/s|s/step) \| \d+:\d\d elapsed "
+                     r"\| 0:00 left")
     assert bar.search(screen), screen[-2000:]
     assert "\r\x1b[Kstep 2 loss" in screen                             # a log line printed above the bar
     # a pipe (a log file, CI): no bar, the log lines carry the progress

@@ -45,8 +45,8 @@ def resolve(path_or_hub_id, patterns=HUB_PATTERNS):
     if looks_local:
         siblings = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
         close = difflib.get_close_matches(path.name, siblings, 1)
-        raise FileNotFoundError(f"{text}: no checkpoint directory at {path.absolute()}"
-                                + (f" (did you mean {path.parent / close[0]}?)" if close else ""))
+        raise FileNotFoundError(f"{text}: not a checkpoint directory (looked for {path.absolute()}"
+                                + (f"; did you mean {path.parent / close[0]}?)" if close else ")"))
     from huggingface_hub import snapshot_download
 
     try:

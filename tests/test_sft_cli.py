@@ -175,10 +175,10 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(made, tmp_path, monkeypatc
     monkeypatch.chdir(made["model"].parent.parent)                   # where demo_data/ is
     typo = f"{made['model'].parent.name}/modle"
     where = re.escape(str(made["model"].parent))
-    with pytest.raises(FileNotFoundError, match=f"no checkpoint directory at {where}/modle \\(did you mean "
-                                                f".*/model\\?\\)"):
+    with pytest.raises(FileNotFoundError, match=f"modle: not a checkpoint directory \\(looked for {where}/modle; "
+                                                f"did you mean .*/model\\?\\)"):
         minivl.load(typo)
-    with pytest.raises(FileNotFoundError, match="no checkpoint directory at"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         minivl.Processor.from_pretrained(typo)
     with pytest.raises(FileNotFoundError, match=r"nobody/nothing: not a local directory \(looked for .*nobody/"
                                                 r"nothing\) and not fetched from the Hugging Face hub \(OSError: "

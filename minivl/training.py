@@ -153,7 +153,10 @@ def prepare_output_dir(output_dir, add_version=False, overwrite=False, resume=No
                          "it, or --add_version true to write into a new versioned subdirectory (ms-swift's habit)")
     removed = [p for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)]
     for p in removed:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     print(f"--overwrite_output_dir: removed {len(removed)} files and folders of the earlier run in {output_dir}")
     return output_dir
 

@@ -93,6 +93,20 @@ def test_val_dataset_answers_every_row(made, adapter, tmp_path, capsys):
     assert len(list((adapter / "infer_result").glob("*.jsonl"))) == 1
 
 
+def test_a_typed_conversation_keeps_its_history(made, adapter, monkeypatch, capsys):
+    typed = iter([QUESTION, "And again?", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    seen = []
+    answer = chat.answer
+    monkeypatch.setattr(chat, "answer", lambda model, processor, conversations, **kw: (
+        seen.append(list(conversations[0])), answer(model, processor, conversations, **kw))[1])
+    image = str(sorted(made["images"].iterdir())[0])
+    chat.main(["--adapters", str(adapter), "--image", image, "--max_new_tokens", "8"])
+    first, second = seen
+    assert first[0]["content"][0] == {"type": "image", "image": image} and len(second) == 3
+    assert second[1]["content"] == capsys.readouterr().out.splitlines()[0].strip()   # the printed answer, kept
+
+
 def test_generate_stops_at_the_checkpoint_eos_by_default(made, tmp_path):
     directory = tmp_path / "model"
     shutil.copytree(made["model"], directory)

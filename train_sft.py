@@ -3,7 +3,8 @@
     python train_sft.py                          # the embedded demo: a tiny model learns a colour task on the CPU
     python train_sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --dataset train.jsonl --train_type lora \\
         --lora_rank 8 --lora_alpha 32 --learning_rate 1e-4 --gradient_accumulation_steps 16 --output_dir output
-    torchrun --nproc_per_node 4 train_sft.py ...  # several GPUs of one host (DDP)
+    NPROC_PER_NODE=4 python train_sft.py ...      # several GPUs of one host (DDP), as ms-swift launches it
+    torchrun --nproc_per_node 4 train_sft.py ...  # the same
     python -m minivl.export --adapters output/checkpoint-100 --merge_lora true   # -> checkpoint-100-merged
 
 A `swift sft` command runs with `swift sft` replaced by `python train_sft.py`: options are spelled as in ms-swift
@@ -25,22 +26,25 @@ Training modes (`--train_type`):
 A frozen vision tower runs under no_grad; gradient checkpointing is non-reentrant, so LoRA inside a
 checkpointed vision tower gets its gradients (peft #2880).
 
-Outputs in --output_dir: `checkpoint-N/` (the adapter in PEFT's format, or the full model in the official
-layout, plus the processor files, optimizer / scheduler / RNG state and the data position, so
+Outputs in --output_dir (with `--add_version true`, in a new `v<N>-<YYYYMMDD>-<HHMMSS>` subdirectory of it, as
+ms-swift writes; a directory holding another run is refused unless this run resumes it or
+--overwrite_output_dir true replaces it): `checkpoint-N/` (the adapter in PEFT's format, or the full model in the
+official layout, plus the processor files, optimizer / scheduler / RNG state and the data position, so
 `--resume_from_checkpoint` continues exactly), `logging.jsonl` (trl's metric names), `args.json`, and
-TensorBoard event files when tensorboard is installed. Checkpoints are written under a temporary name and
-renamed. `--save_total_limit k` keeps the checkpoint with the lowest eval loss and the latest ones, k in all.
+TensorBoard event files when tensorboard is installed (`--report_to wandb` / `swanlab` log there too).
+Checkpoints are written under a temporary name and renamed. `--save_total_limit k` keeps the checkpoint with the
+lowest eval loss and the latest ones, k in all. On a terminal a progress bar shows step, loss, speed and time
+left; in a log file each log line carries them.
 
 What it simplifies, compared with ms-swift: no packing or padding-free batches, no DeepSpeed/FSDP sharding (each
-GPU holds the whole model), no per-message loss scales, the output dir is used as given (no v0-date
-subfolder). Tests: tests/test_sft.py.
+GPU holds the whole model), no per-message loss scales, no versioned output
+subdirectory unless --add_version true (ms-swift's default). Tests: tests/test_sft.py, tests/test_sft_cli.py.
 
 Shapes: B batch, T tokens, D LLM width, V vocabulary.
 """
 
 import argparse
 import contextlib
-import difflib
 import json
 import math
 import os
@@ -57,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minivl
-from minivl import data, lora  # first: minivl.lora checks that `kernels` is minivl's
+from minivl import chat, data, lora, training  # first: minivl.lora checks that `kernels` is minivl's
 from kernels.logprobs import linear_token_logprobs  # noqa: I001
 from minivl.processor import IGNORE_INDEX, PROCESSOR_FILES
 
@@ -79,58 +83,54 @@ ENGINES = {
     "padding_free": "minivl pads each micro-batch (right padding); there is no packing or padding-free mode",
     "quant_bits": "minivl trains no quantized models (no QLoRA)",
     "quant_method": "minivl trains no quantized models (no QLoRA)",
+    "rlhf_type": "train_sft.py runs SFT (swift sft); DPO and GRPO (swift rlhf --rlhf_type dpo|grpo) are the "
+                 "scripts train_dpo.py and train_grpo.py",
 }
 # accepted and without effect here, with the reason
 HARMLESS = {
     "model_author": "used by ms-swift's self-cognition data only",
     "model_name": "used by ms-swift's self-cognition data only",
-    "add_version": "minivl writes into --output_dir as given",
     "dataset_num_proc": "samples are encoded by the DataLoader (--dataloader_num_workers)",
     "lazy_tokenize": "minivl always encodes samples when they are batched",
     "logging_first_step": "minivl logs every --logging_steps steps",
 }
 
 
-def boolean(text):
-    if str(text).lower() in ("true", "1", "yes"):
-        return True
-    if str(text).lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def build_parser():
     p = argparse.ArgumentParser(description="SFT of Qwen-VL models with ms-swift's options (see the docstring)",
                                 allow_abbrev=False)
     a = p.add_argument
+    flag = dict(type=training.boolean, nargs="?", const=True)  # `--opt`, `--opt true` or `--opt false`
     # model and data (no --model and no --dataset: the embedded demo)
     a("--model", help="checkpoint directory or hub id (default: the embedded demo model)")
     a("--dataset", nargs="+", help="jsonl / json / parquet files (ms-swift or ShareGPT format)")
     a("--val_dataset", nargs="*", default=[])
     a("--split_dataset_ratio", type=float, default=0.0, help="share of --dataset held out for eval")
     a("--system", help="default system prompt, or a path to a file holding it")
-    a("--max_length", type=int, help="longer samples are cut inside their text, or dropped (never cut in images)")
-    a("--truncation_strategy", choices=["right", "delete"], default="right")
+    a("--max_length", type=int, help="tokens a sample may have (see --truncation_strategy; default: no limit)")
+    a("--truncation_strategy", choices=["delete", "right"], default="delete",
+      help="a sample longer than --max_length: delete drops it (ms-swift's default), right cuts its text")
     a("--max_pixels", type=int, help="per image (default: MAX_PIXELS, else preprocessor_config.json)")
     a("--min_pixels", type=int)
     # what trains
-    a("--train_type", "--sft_type", "--tuner_type", dest="train_type", choices=["lora", "lora_llm", "full"])
-    a("--freeze_llm", type=boolean, default=False)
-    a("--freeze_vit", type=boolean, default=True)
-    a("--freeze_aligner", type=boolean, default=True)
+    a("--train_type", "--sft_type", "--tuner_type", dest="train_type", choices=["lora", "lora_llm", "full"],
+      help="default: lora (the demo: full)")
+    a("--freeze_llm", **flag, default=False)
+    a("--freeze_vit", **flag, default=True)
+    a("--freeze_aligner", **flag, default=True)
     a("--lora_rank", type=int, default=8)
     a("--lora_alpha", type=int, default=32)
     a("--lora_dropout", type=float, default=0.05)
     a("--target_modules", nargs="+", default=["all-linear"])
     a("--target_regex")
     a("--modules_to_save", nargs="*", default=[], help="module names trained in full next to LoRA")
-    a("--init_weights", type=lambda s: "gaussian" if s == "gaussian" else boolean(s), default=True)
-    a("--use_rslora", type=boolean, default=False)
+    a("--init_weights", type=lambda s: "gaussian" if s == "gaussian" else training.boolean(s), default=True)
+    a("--use_rslora", **flag, default=False)
     a("--lorap_lr_ratio", type=float, help="LoRA+: the B matrices get learning_rate x this")
     a("--vit_lr", type=float, help="learning rate of the vision tower's parameters (default: --learning_rate)")
     a("--aligner_lr", type=float, help="learning rate of the merger(s) (default: --learning_rate)")
     # batches and schedule
-    a("--per_device_train_batch_size", type=int)
+    a("--per_device_train_batch_size", type=int, help="default: 1")
     a("--per_device_eval_batch_size", type=int, default=1)
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--num_train_epochs", type=float, default=3.0)
@@ -148,8 +148,8 @@ def build_parser():
     # precision and memory
     a("--torch_dtype", choices=["bfloat16", "float16", "float32"],
       help="default: bfloat16 on a GPU, float32 on the CPU")
-    a("--gradient_checkpointing", type=boolean, default=True)
-    a("--vit_gradient_checkpointing", type=boolean, help="default: --gradient_checkpointing")
+    a("--gradient_checkpointing", **flag, default=True)
+    a("--vit_gradient_checkpointing", **flag, help="default: --gradient_checkpointing")
     a("--dataloader_num_workers", type=int, default=0)
     # evaluation, logging, saving
     a("--eval_strategy", "--evaluation_strategy", dest="eval_strategy", choices=["steps", "epoch", "no"],
@@ -158,39 +158,32 @@ def build_parser():
     a("--save_strategy", choices=["steps", "epoch", "no"], default="steps")
     a("--save_steps", type=int, default=500)
     a("--save_total_limit", type=int, help="keep the best (lowest eval loss) and the latest, this many in all")
-    a("--save_only_model", type=boolean, default=False, help="no optimizer state (no exact resume)")
+    a("--save_only_model", **flag, default=False, help="no optimizer state (no exact resume)")
     a("--logging_steps", type=int, default=5)
     a("--output_dir", default="output")
-    a("--resume_from_checkpoint")
-    a("--report_to", nargs="+", default=["tensorboard"], help="tensorboard (when installed) or none")
+    a("--overwrite_output_dir", **flag, default=False, help="replace the run an earlier command wrote there")
+    a("--add_version", **flag, default=False, help="write into a new <output_dir>/v<N>-<date>-<time>")
+    a("--resume_from_checkpoint", help="a checkpoint-N directory: the run continues exactly where it was")
+    a("--report_to", nargs="+", choices=["tensorboard", "wandb", "swanlab", "none"],
+      help="default: tensorboard when it is installed")
     a("--logging_dir", help="TensorBoard directory (default: <output_dir>/runs)")
+    a("--swanlab_project")
+    a("--swanlab_workspace")
+    a("--swanlab_exp_name", help="default: the output directory")
+    a("--swanlab_mode", choices=["cloud", "local", "offline", "disabled"])
+    a("--swanlab_token")
     a("--eval_exact_match", type=int, default=0,
       help="minivl: greedy-decode this many eval samples before and after training; print exact-match accuracy")
+    training.show_defaults(p)
     return p
 
 
 def parse_args(argv=None):
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    problems = []
-    for token in unknown:
-        if not token.startswith("--"):
-            continue  # the value of an option reported below
-        name = token[2:].split("=")[0]
-        engine = next((why for key, why in ENGINES.items() if name.startswith(key)), None)
-        if name in HARMLESS:
-            print(f"note: --{name} ignored ({HARMLESS[name]})")
-        elif engine:
-            problems.append(f"--{name}: {engine}")
-        else:
-            close = difflib.get_close_matches(name, [o.lstrip("-") for o in parser._option_string_actions], 1)
-            problems.append(f"--{name}: not an option minivl supports" + (f" (did you mean --{close[0]}?)"
-                                                                           if close else ""))
-    values = [t for t in unknown if not t.startswith("--")]
-    if values and not problems:
-        problems.append(f"unexpected arguments {values}")
-    if problems:
-        parser.error("\n  " + "\n  ".join(problems))
+    args = training.parse_options(parser, argv, ENGINES, HARMLESS)
+    if "none" in (args.report_to or []) and len(args.report_to) > 1:
+        parser.error(f"--report_to {' '.join(args.report_to)}: none goes alone")
+    training.check_trackers(args.report_to or [])  # a missing package is an error now, not after loading
     if args.system and os.path.isfile(args.system):
         args.system = Path(args.system).read_text().strip()  # ms-swift: --system takes text or a file
     if (args.model is None) != (args.dataset is None):
@@ -211,7 +204,8 @@ def demo_defaults(args, argv):
                     per_device_train_batch_size=16, per_device_eval_batch_size=64, max_steps=300,
                     warmup_ratio=0.05, weight_decay=0.0, lora_dropout=0.0, gradient_checkpointing=False,
                     eval_steps=100, save_steps=300, save_total_limit=1, logging_steps=25,
-                    output_dir="output/demo", eval_exact_match=128)
+                    output_dir="output/demo", eval_exact_match=128,
+                    overwrite_output_dir="output_dir" not in given)  # the demo replaces its own last run
     for key, value in defaults.items():
         if key not in given:
             setattr(args, key, value)
@@ -265,22 +259,18 @@ def exact_match(model, processor, rows, batch_size):
     """Share of rows whose greedy answer equals the reference answer (the last assistant turn)."""
     was_training = model.training
     model.eval()
-    eos = processor.eos_token_ids
     hits = 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         refs = [r.conversation[-1]["content"].strip() for r in chunk]
-        batch = processor([r.conversation[:-1] for r in chunk], images=[r.images for r in chunk],
-                          videos=[r.videos for r in chunk],
-                          add_generation_prompt=True)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
         # room for the longest reference and its eos; at least 4 tokens, since the CUDA-graph sampler's warm-up
         # writes 3 output columns before it checks for the end
         longest = max(len(processor.tokenizer.encode(ref).ids) for ref in refs)
-        out = minivl.generate(model, batch, max_new_tokens=max(4, longest + 1), temperature=0.0, eos_token_id=eos,
-                              seed=0)  # a fixed seed: sampling must not draw from the training RNG
-        answers = [processor.decode([t for t in row[:n] if t not in eos]).strip()
-                   for row, n in zip(out.tokens.tolist(), out.lengths.tolist())]
+        # a fixed seed: sampling must not draw from the training RNG
+        answers, _ = chat.answer(model, processor, [r.conversation[:-1] for r in chunk],
+                                 images=[r.images for r in chunk], videos=[r.videos for r in chunk],
+                                 max_new_tokens=max(4, longest + 1),
+                                 temperature=0.0, seed=0)
         hits += sum(a == r for a, r in zip(answers, refs))
     model.train(was_training)
     return hits / max(1, len(rows))
@@ -308,12 +298,20 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    # --- model and weights
+    # --- where the run writes: a directory holding another run is refused unless this one resumes it or
+    # replaces it (--overwrite_output_dir), so two runs never mix
     train_type = args.train_type or "lora"
+    resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if resume is not None:
+        training.check_resume(resume, train_type)
+    output_dir = training.on_rank0(training.prepare_output_dir, args.output_dir, args.add_version,
+                                   args.overwrite_output_dir, resume)
+    args.output_dir = str(output_dir)
+
+    # --- model and weights
     dtype = getattr(torch, args.torch_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if dtype == torch.float16:
         raise SystemExit("--torch_dtype float16 is not supported for training (no loss scaling): use bfloat16")
-    resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     full_resume = resume is not None and train_type == "full"
     # a full fine-tune resumes from the checkpoint's own weights (float32 masters, saved as they were)
     model = minivl.load(resume if full_resume else args.model, dtype=None if full_resume else dtype,
@@ -367,6 +365,22 @@ def main(argv=None):
     val_rows = data.load_rows(args.val_dataset, args.system) if args.val_dataset else []
     if args.split_dataset_ratio and not val_rows:
         rows, val_rows = data.split_rows(rows, args.split_dataset_ratio, args.seed)
+    if args.max_length is not None:
+        # every sample measured now (image headers only): what --max_length drops, cuts, or leaves answerless
+        n_rows, n_val = len(rows), len(val_rows)
+        rows, fit = data.SFTDataset(rows, processor, args.max_length, args.truncation_strategy).fitting_rows()
+        val_rows, _ = data.SFTDataset(val_rows, processor, args.max_length,
+                                      args.truncation_strategy).fitting_rows()
+        say(f"--max_length {args.max_length}, --truncation_strategy {args.truncation_strategy}: of {n_rows} "
+            f"training samples {fit['dropped']} dropped as too long, {fit['no_answer']} left out (the cut leaves "
+            f"no answer), {fit['cut']} cut (longest: {fit['longest']} tokens); of {n_val} eval samples "
+            f"{n_val - len(val_rows)} left out")
+        if not rows:
+            raise SystemExit(
+                f"nothing to train on: none of the {n_rows} training samples fits --max_length {args.max_length} "
+                f"({fit['dropped']} longer and dropped under --truncation_strategy {args.truncation_strategy}, "
+                f"{fit['no_answer']} whose answer lies wholly past the cut); the longest sample has "
+                f"{fit['longest']} tokens: raise --max_length, or lower --max_pixels")
     train_set = data.SFTDataset(rows, processor, args.max_length, args.truncation_strategy)
     val_set = data.SFTDataset(val_rows, processor, args.max_length, args.truncation_strategy)
     bs, accum = args.per_device_train_batch_size or 1, args.gradient_accumulation_steps
@@ -418,7 +432,6 @@ def main(argv=None):
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.lr_scheduler_type))
 
     # --- resume: weights, optimizer, scheduler, RNG, data position
-    output_dir = Path(args.output_dir)
     state = {"global_step": 0, "epoch": 0, "micro_batch": 0, "num_tokens": 0, "best_eval_loss": None,
              "best_checkpoint": None, "num_dropped": 0}
     if resume is not None:
@@ -434,17 +447,17 @@ def main(argv=None):
         state.update(json.loads((resume / "trainer_state.json").read_text()))
         say(f"resumed from {resume} at step {state['global_step']} (epoch {state['epoch']}, micro-batch "
             f"{state['micro_batch']})")
+    public_args = {k: v for k, v in vars(args).items() if not k.endswith("_token")}  # no secrets in files
+    metrics = None
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    log_file = open(output_dir / "logging.jsonl", "a") if main_process else None
-    writer = None
-    if main_process and "tensorboard" in args.report_to:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(args.logging_dir or str(output_dir / "runs"))
-        except ImportError:
-            say("note: tensorboard is not installed; metrics go to logging.jsonl only")
+        (output_dir / "args.json").write_text(json.dumps(public_args, indent=2) + "\n")
+        metrics = training.MetricsLog(
+            output_dir, args.report_to or ["tensorboard"], public_args,
+            resumed_step=state["global_step"] if resume is not None else None, logging_dir=args.logging_dir,
+            explicit=args.report_to is not None,
+            swanlab={k: getattr(args, "swanlab_" + k)
+                     for k in ("project", "workspace", "exp_name", "mode", "token")})
 
     def all_sum(*values):
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -454,15 +467,10 @@ def main(argv=None):
 
     def log(entry):
         entry = {"step": state["global_step"], **entry}
-        say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
-        if log_file:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-        if writer:
-            for k, v in entry.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(("eval/" + k[5:]) if k.startswith("eval_") else "train/" + k, v,
-                                      state["global_step"])
+        say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()),
+            progress="loss" in entry)  # off a terminal, training lines carry the step, speed and time left
+        if metrics:
+            metrics.log(entry)
 
     @torch.no_grad()
     def evaluate():
@@ -506,7 +514,7 @@ def main(argv=None):
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                        tmp / "training_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        (tmp / "args.json").write_text(json.dumps(public_args, indent=2) + "\n")
         old = None
         if final.exists():  # the same step saved before (a resumed run): keep it until the new one is in place
             old = output_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
@@ -526,6 +534,8 @@ def main(argv=None):
     save_every = {"steps": args.save_steps, "epoch": epoch_steps, "no": 0}[args.save_strategy]
     eval_every = {"steps": args.eval_steps or args.save_steps, "epoch": epoch_steps, "no": 0}[args.eval_strategy]
     trainable_params = [p for _, p in trainable]
+    bar = training.Progress(total_steps, start=state["global_step"]) if main_process else None
+    say = bar.print if bar else say  # log lines go above the bar
     batches = loader(state["epoch"], state["micro_batch"])
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.time(), "correct": 0, "counted": 0}
     fallback = None  # a batch to run with zero weight when a GPU's micro-batch was dropped whole (keeps DDP even)
@@ -587,6 +597,8 @@ def main(argv=None):
         window["steps"] += 1
         window["tokens"] += n_input_all
         step = state["global_step"]
+        if bar:
+            bar.update(step, loss_all / max(1.0, n_tokens_all))
         saving = main_process and args.save_strategy != "no" and (step % save_every == 0 or last)
         if logging_step:
             elapsed = time.time() - window["start"]
@@ -608,6 +620,8 @@ def main(argv=None):
             save_checkpoint()
         if world > 1:
             dist.barrier()  # nobody runs ahead while rank 0 writes
+    if bar:
+        bar.close()
 
     if state["num_dropped"]:
         say(f"dropped {state['num_dropped']} samples longer than --max_length {args.max_length} (cutting them "
@@ -617,10 +631,8 @@ def main(argv=None):
         say(f"held-out exact-match accuracy after training: {100 * after:.1f}% "
             f"({min(len(val_rows), args.eval_exact_match)} samples, chance for the demo: 25%)")
     say(f"done in {time.time() - started:.0f} s; checkpoints in {output_dir}")
-    if log_file:
-        log_file.close()
-    if writer:
-        writer.close()
+    if metrics:
+        metrics.close()
     if world > 1:
         dist.destroy_process_group()
     return model, state
@@ -645,6 +657,7 @@ def rotate_checkpoints(output_dir, limit, best):
 
 
 if __name__ == "__main__":
+    training.relaunch_under_torchrun(__file__, sys.argv[1:])  # NPROC_PER_NODE=N: run under torchrun instead
     main()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         # DDP's reducer keeps the process group, and its gloo/NCCL threads, alive after destroy_process_group

@@ -17,6 +17,7 @@ Every problem is an error that names it: a missing, unexpected or mis-shaped ten
 truncated or corrupt file. Nothing is unpickled.
 """
 
+import difflib
 import json
 import os
 import re
@@ -31,21 +32,41 @@ from .config import Config
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*", "vocab*", "merges*"]
 
 
-def resolve(path_or_hub_id):
+def resolve(path_or_hub_id, patterns=HUB_PATTERNS):
     """A local directory for a path or a hub id; hub ids go through huggingface_hub's cache (HF_HUB_OFFLINE
-    makes it use the cache only)."""
-    path = Path(path_or_hub_id).expanduser()
+    makes it use the cache only). A name whose first part is a local directory (`demo_data/modle`) is a local
+    path, never sent to the hub."""
+    text = str(path_or_hub_id)
+    path = Path(text).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint directory, and not a hub id (owner/name)")
+    looks_local = (path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
+                   or Path(text.split("/")[0]).is_dir())
+    if looks_local:
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, siblings, 1)
+        raise FileNotFoundError(f"{text}: not a checkpoint directory (looked for {path.absolute()}"
+                                + (f"; did you mean {path.parent / close[0]}?)" if close else ")"))
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_PATTERNS))
+    try:
+        return Path(snapshot_download(text, allow_patterns=list(patterns)))
+    except Exception as e:  # network, authentication, unknown repository: one line instead of a long traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FileNotFoundError(f"{text}: not a local directory (looked for {path.absolute()}) and not fetched "
+                                f"from the Hugging Face hub ({type(e).__name__}: {reason})") from None
 
 
 def read_config(directory):
     path = Path(directory) / "config.json"
+    adapter = Path(directory) / "adapter_config.json"
+    if not path.exists() and adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        raise FileNotFoundError(
+            f"{directory} is a LoRA adapter (adapter_config.json; its base model: {base}), not a whole model. "
+            f"Load the base model and the adapter: --model {base} --adapters {directory} (python -m minivl.chat), "
+            f"minivl.lora.load_adapter(model, dir) in Python; or merge them into a model: python -m minivl.export "
+            f"--adapters {directory} --merge_lora true")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: a checkpoint directory needs its config.json")
     try:
@@ -157,7 +178,19 @@ def load(path_or_hub_id, dtype=None, device=None):
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     model.tie_weights()
+    model.eos_token_ids = eos_token_ids(directory, raw)
     return model.eval()
+
+
+def eos_token_ids(directory, raw_config):
+    """The ids generation stops at, as transformers' generate picks them: generation_config.json's eos_token_id,
+    else config.json's (top level, or the text config of nested files). A list, or None when neither says."""
+    path = Path(directory) / "generation_config.json"
+    generation = json.loads(path.read_text()) if path.is_file() else {}
+    eos = generation.get("eos_token_id")
+    if eos is None:
+        eos = raw_config.get("eos_token_id", (raw_config.get("text_config") or {}).get("eos_token_id"))
+    return None if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def save(model, directory, max_shard_bytes=5 * 2**30):

@@ -27,10 +27,10 @@ or base64 string, raw bytes, or {"bytes": ..., "path": ...} (Hugging Face datase
 record's base_dir (the data file's folder; see records.py), then from the working directory (where ms-swift and
 LLaMA-Factory look).
 
-Too long for max_length: a sample is cut inside its text when every image token lies before the cut
-(truncation "right"), and dropped otherwise, since cutting through image tokens breaks the image-feature count
-(trl #5285); `truncation_strategy="delete"` drops every too-long sample. The dropped count travels with the batch
-so the trainer can log it.
+Too long for max_length: `truncation_strategy="delete"` (ms-swift's default) drops the sample; "right" cuts it
+inside its text when every image token lies before the cut, and drops it otherwise, since cutting through image
+tokens breaks the image-feature count (trl #5285). `SFTDataset.fitting_rows()` checks a whole data set before
+training from the image headers alone; the dropped count also travels with each batch.
 
 Simplified: rows are read up front (images and videos are decoded when a sample is encoded); no tool turns, no
 per-message loss switches. Tests: tests/test_data.py.
@@ -251,10 +251,11 @@ def with_system(turns, system):
     return turns
 
 
-def make_row(record, base_dir, where, system=None):
-    """An SFT row: the conversation must end with the assistant answer to train on."""
+def make_row(record, base_dir, where, system=None, need_answer=True):
+    """An SFT row: the conversation must end with the assistant answer to train on (need_answer=False also takes
+    a prompt ending on the user's turn, for minivl.chat to answer)."""
     conversation = to_conversation(record, where)
-    if not conversation or conversation[-1]["role"] != "assistant":
+    if not conversation or (need_answer and conversation[-1]["role"] != "assistant"):
         hint = " (this is preference data: train it with train_dpo.py)" if "chosen" in record else ""
         raise ValueError(f"{where}: the conversation must end with an assistant answer to train on{hint}")
     return make_sft_row(conversation, record, base_dir, where, system)
@@ -267,11 +268,11 @@ def make_sft_row(conversation, record, base_dir, where, system=None):
     return Row(conversation, images, where, videos)
 
 
-def load_rows(specs, system=None, **source):
+def load_rows(specs, system=None, need_answer=True, **source):
     """Every record of the data sets as a Row; `specs` and `source` (seed, dataset_dir, max_samples, shuffle) as
     records.load_records takes them. Problems a run would otherwise meet hours later (a missing image file, more
     or fewer <image> tags than images, an empty file) are errors here, naming the line."""
-    return [make_row(record, base_dir, where, system)
+    return [make_row(record, base_dir, where, system, need_answer)
             for where, record, base_dir in load_records(specs, **source)]
 
 
@@ -294,7 +295,7 @@ class SFTDataset(torch.utils.data.Dataset):
     """Rows encoded on demand (images and videos are read here, so DataLoader workers can do it) -> one sample of
     processor.encode with labels, or None when the sample is too long and must be dropped."""
 
-    def __init__(self, rows, processor, max_length=None, truncation_strategy="right"):
+    def __init__(self, rows, processor, max_length=None, truncation_strategy="delete"):
         if truncation_strategy not in ("right", "delete"):
             raise ValueError(f"truncation_strategy must be 'right' or 'delete', got {truncation_strategy!r}")
         self.rows, self.processor = rows, processor
@@ -304,12 +305,19 @@ class SFTDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
+        return self.fit(self.encode(i))
+
+    def encode(self, i, pixels=True):
+        """Sample i as the processor encodes it, whatever its length; pixels=False reads image headers only."""
         row = self.rows[i]
         try:
-            sample = self.processor.encode(row.conversation, images=row.images, videos=row.videos,
-                                           return_labels=True)
+            return self.processor.encode(row.conversation, images=row.images, videos=row.videos,
+                                         return_labels=True, pixels=pixels)
         except (ValueError, FileNotFoundError, TypeError) as e:
             raise type(e)(f"{row.source}: {e}") from None
+
+    def fit(self, sample):
+        """A sample cut to max_length, or None when it must be dropped."""
         L, limit = len(sample["input_ids"]), self.max_length
         if limit is None or L <= limit:
             return sample
@@ -318,6 +326,25 @@ class SFTDataset(torch.utils.data.Dataset):
             return None  # cutting here would cut through an image: drop the whole sample
         sample["input_ids"], sample["labels"] = sample["input_ids"][:limit], sample["labels"][:limit]
         return sample
+
+    def fitting_rows(self):
+        """The rows that still train once cut to max_length, and what the cut does to the others: {"dropped"
+        (longer, not cut), "cut" (cut, some answer left), "no_answer" (cut before the answer: left out too),
+        "longest" (tokens)}. Images are read up to their headers, so this costs no pixel work."""
+        kept, counts = [], {"dropped": 0, "cut": 0, "no_answer": 0, "longest": 0}
+        for i, row in enumerate(self.rows):
+            sample = self.encode(i, pixels=False)
+            L = len(sample["input_ids"])
+            counts["longest"] = max(counts["longest"], L)
+            sample = self.fit(sample)
+            if sample is None:
+                counts["dropped"] += 1
+            elif count_label_tokens(sample["labels"][None]) == 0:
+                counts["no_answer"] += 1
+            else:
+                kept.append(row)
+                counts["cut"] += L > len(sample["input_ids"])
+        return kept, counts
 
     def collate(self, samples):
         """processor.pad (right padding) of the kept samples; "num_dropped" counts the dropped ones. A batch

@@ -42,10 +42,7 @@ def tiny_batch(model, seed=0):
 def merge_checkpoint(adapters, output_dir=None, model=None, dtype=None, check=True, device="cpu"):
     """Write the merged model of an adapter directory; returns (output directory, max |logit difference|)."""
     adapters = Path(adapters)
-    config = lora.read_adapter_config(adapters)
-    base = model or config.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{adapters}/adapter_config.json names no base model: pass --model")
+    base = lora.base_model(adapters, model)
     output_dir = Path(output_dir) if output_dir else adapters.with_name(adapters.name + "-merged")
     merged = load(base, dtype=dtype, device=device)
     lora.load_adapter(merged, adapters)

@@ -46,7 +46,7 @@ if getattr(kernels, "MINIVL_KERNELS", False) is not True:  # Hugging Face's hub 
                       "first on sys.path")
 from kernels.lora import lora_linear  # noqa: E402
 
-from .checkpoint import file_to_module_name, module_to_file_name
+from .checkpoint import file_to_module_name, module_to_file_name, resolve
 from .config import ARCHITECTURES
 
 PREFIX = "base_model.model."  # what PEFT puts in front of the model's module names
@@ -205,7 +205,9 @@ def adapter_config(model, base_model, modules_to_save=(), init_weights=True, dro
     (r, alpha), = ranks
     return {
         "peft_type": "LORA", "task_type": None,
-        "base_model_name_or_path": str(base_model) if base_model else None,
+        # a local base is stored as an absolute path, so the adapter finds it from any directory
+        "base_model_name_or_path": (str(Path(base_model).resolve()) if base_model and Path(base_model).is_dir()
+                                    else str(base_model) if base_model else None),
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora, "use_dora": False,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": init_weights, "inference_mode": True,
         "target_modules": compact_regex([n for n, _ in layers], linear_names(model)),
@@ -251,6 +253,22 @@ def read_adapter_config(directory):
         if config.get(key):
             raise ValueError(f"{path}: {key}={config[key]!r} is not supported by minivl.lora")
     return config
+
+
+def base_model(directory, model=None):
+    """The base model of an adapter directory: `model` when given, else the base_model_name_or_path of its
+    adapter_config.json, which must be found (a local path is stored absolute, so it is, from any directory)."""
+    if model:
+        return model
+    base = read_adapter_config(directory).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{directory}/adapter_config.json names no base model: pass --model")
+    try:
+        resolve(base)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (the base model that {directory}/adapter_config.json names; pass --model "
+                                "to give it)") from None
+    return base
 
 
 def _model_name(key, family, known):

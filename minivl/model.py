@@ -44,6 +44,7 @@ class VLModel(nn.Module):
     def __init__(self, cfg, init=True):
         super().__init__()
         self.cfg = cfg
+        self.eos_token_ids = None  # where minivl.generate stops by default; checkpoint.load sets it
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if init:

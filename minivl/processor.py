@@ -34,6 +34,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch.nn.functional import interpolate
 
+from .checkpoint import resolve
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
@@ -104,8 +106,9 @@ def family_defaults(model_type):
 
 # ------------------------------------------------------------------------------------------------- images
 
-def load_image(image):
-    """A path (str, Path, file://...), PIL image, bytes, or a {"bytes": ..., "path": ...} dict -> RGB PIL image."""
+def open_image(image, decode=True):
+    """A path (str, Path, file://...), PIL image, bytes, or a {"bytes": ..., "path": ...} dict -> PIL image.
+    decode=False reads the header only (size and mode): a length check needs no pixels."""
     if isinstance(image, dict):
         if image.get("bytes") is not None:
             image = image["bytes"]
@@ -116,14 +119,16 @@ def load_image(image):
         else:
             raise ValueError(f"image dict needs a 'bytes' or 'path' key, got keys {sorted(image)}")
     if isinstance(image, Image.Image):
-        pil = image
-    elif isinstance(image, (bytes, bytearray)):
+        return image
+    if isinstance(image, (bytes, bytearray)):
         try:
             pil = Image.open(io.BytesIO(image))
-            pil.load()
+            if decode:
+                pil.load()
         except (Image.UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{len(image)} bytes given as an image are not a readable image: {e}") from None
-    elif isinstance(image, (str, Path)):
+        return pil
+    if isinstance(image, (str, Path)):
         path = str(image)
         if path.startswith(("http://", "https://")):
             raise ValueError(f"image URLs are not fetched: download {path} and pass the file")
@@ -132,12 +137,20 @@ def load_image(image):
             raise FileNotFoundError(f"image file not found: {path}")
         try:
             pil = Image.open(path)
-            pil.load()                      # decode now: a truncated file fails here, and the file is closed
+            if decode:
+                pil.load()                  # decode now: a truncated file fails here, and the file is closed
+            else:
+                pil.close()                 # size and mode stay readable
         except (Image.UnidentifiedImageError, OSError) as e:
             raise ValueError(f"not an image file: {path} ({e})") from None
-    else:
-        raise TypeError(f"cannot read an image from {type(image).__name__}: give a path, PIL image, bytes "
-                        "or {'bytes': ...}")
+        return pil
+    raise TypeError(f"cannot read an image from {type(image).__name__}: give a path, PIL image, bytes "
+                    "or {'bytes': ...}")
+
+
+def load_image(image):
+    """An image as open_image takes it -> decoded RGB PIL image."""
+    pil = open_image(image)
     # transformers' convert_to_rgb: mode conversion, alpha dropped (not composited)
     return pil if pil.mode == "RGB" else pil.convert("RGB")
 
@@ -459,16 +472,6 @@ def _read_json(directory, name):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _resolve(path_or_hub_id):
-    if os.path.isdir(path_or_hub_id):
-        return Path(path_or_hub_id)
-    if os.path.exists(path_or_hub_id) or str(path_or_hub_id).startswith((".", "/")):
-        raise FileNotFoundError(f"{path_or_hub_id} is not a checkpoint directory")
-    from huggingface_hub import snapshot_download
-    # only the files read below: the processor never needs the weights
-    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=list(PROCESSOR_FILES)))
-
-
 # transformers' Qwen2VLImageProcessor class defaults: what a preprocessor_config.json leaves out
 IMAGE_PROCESSOR_DEFAULTS = VisionSettings(patch_size=14, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
 # fields minivl computes with one value only, the one of every published Qwen-VL file (resample 3 is bicubic)
@@ -585,7 +588,7 @@ class Processor:
         torchvision is installed, whatever image_processor_type the preprocessor_config.json names; False gives
         the PIL one.
         """
-        directory = _resolve(path_or_hub_id)
+        directory = resolve(path_or_hub_id, PROCESSOR_FILES)  # the processor never needs the weights
         config = _read_json(directory, "config.json")
         pre = _read_json(directory, "preprocessor_config.json")
         if config is not None:
@@ -661,19 +664,23 @@ class Processor:
 
     # ---------------------------------------------------------------------------------- images, videos
 
-    def process_images(self, images, min_pixels=None, max_pixels=None, max_total_pixels=None):
+    def process_images(self, images, min_pixels=None, max_pixels=None, max_total_pixels=None, pixels=True):
         """The images of one sample -> pixel_values (N, C*T*P*P) float32, image_grid_thw (n, 3) int64.
 
         images: each an image (see load_image) or an item {"image": x, "min_pixels": .., "max_pixels": ..}.
+        pixels=False: image_grid_thw alone, from the image headers (how many tokens a sample will have).
         """
         v = self.vision
         items = [img if isinstance(img, dict) and "image" in img else {"image": img} for img in images]
-        pils = [load_image(item["image"]) for item in items]
+        pils = [load_image(item["image"]) if pixels else open_image(item["image"], decode=False) for item in items]
         mins = [item.get("min_pixels") or min_pixels or v.min_pixels for item in items]
         maxs = [item.get("max_pixels") or max_pixels or v.max_pixels for item in items]
         sizes = [(pil.height, pil.width) for pil in pils]
         budget = max_total_pixels if max_total_pixels is not None else self.max_total_pixels
         targets = fit_total_pixels(sizes, v.factor, mins, maxs, budget)
+        if not pixels:  # the grids patchify would give, without resizing a single pixel
+            return {"image_grid_thw": torch.tensor([(1, h // v.patch_size, w // v.patch_size) for h, w in targets],
+                                                   dtype=torch.long)}
         normalize = normalize_frames_torch if self.use_fast else normalize_frames
         rows, grids = [], []
         for pil, (h, w) in zip(pils, targets):
@@ -725,8 +732,9 @@ class Processor:
     # ------------------------------------------------------------------------------------------ encode
 
     def encode(self, conversation, images=None, videos=None, add_generation_prompt=False, return_labels=False,
-               max_length=None, min_pixels=None, max_pixels=None, max_total_pixels=None):
-        """One conversation -> unpadded tensors: input_ids (L,), labels (L,), pixel_values, grids, ..."""
+               max_length=None, min_pixels=None, max_pixels=None, max_total_pixels=None, pixels=True):
+        """One conversation -> unpadded tensors: input_ids (L,), labels (L,), pixel_values, grids, ...
+        pixels=False: the same input_ids and labels, images read up to their headers (no pixel_values)."""
         if images is not None or videos is not None or _has_tags(conversation):
             conversation = split_placeholders(conversation, images, videos)
         check_conversation(conversation)
@@ -737,7 +745,7 @@ class Processor:
         if image_items:
             out.update(self.process_images(
                 [{**item, "image": item.get("image", item.get("image_url"))} for item in image_items],
-                min_pixels, max_pixels, max_total_pixels))
+                min_pixels, max_pixels, max_total_pixels, pixels))
         videos_done = [self.process_video(item) for item in media if item["type"] == "video"]
         if videos_done:
             out["pixel_values_videos"] = torch.from_numpy(np.concatenate([x for x, *_ in videos_done]))

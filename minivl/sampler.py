@@ -587,6 +587,8 @@ def generate(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, got {temperature}, {top_p}, "
                          f"{top_k}")
+    if eos_token_id is None:  # transformers' default: the checkpoint's generation_config.json ([] never stops)
+        eos_token_id = model.eos_token_ids
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if seed is None:

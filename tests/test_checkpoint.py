@@ -176,12 +176,13 @@ def test_missing_directory_and_config(tmp_path):
 
 
 def test_hub_id_goes_through_huggingface_hub_offline(tmp_path, monkeypatch):
-    # with HF_HUB_OFFLINE and an empty cache, the download path is taken and fails with hub's own message
+    # with HF_HUB_OFFLINE and an empty cache, the download path is taken and fails: one line names the id, the
+    # local path it is not, and the hub's reason
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    import huggingface_hub
-
-    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"Qwen/Qwen2.5-VL-3B-Instruct: not a local directory \(looked "
+                                                r"for .*\) and not fetched from the Hugging Face hub "
+                                                r"\(LocalEntryNotFoundError: "):
         minivl.load("Qwen/Qwen2.5-VL-3B-Instruct")
 
 

@@ -123,11 +123,12 @@ def test_labels_truncation_and_drops(made, processor):
     assert full["input_ids"][labelled][-1] == processor.im_end_token_id
     L = len(full["input_ids"])
     last_vision = max(i for i, t in enumerate(full["input_ids"].tolist()) if t in processor.vision_token_ids)
-    cut = data.SFTDataset(rows, processor, max_length=L - 2)[0]              # text after the image: cut there
+    cut = data.SFTDataset(rows, processor, max_length=L - 2, truncation_strategy="right")[0]  # text: cut there
     assert torch.equal(cut["input_ids"], full["input_ids"][:L - 2])
-    assert data.SFTDataset(rows, processor, max_length=last_vision)[0] is None       # would cut the image
-    assert data.SFTDataset(rows, processor, max_length=L - 2, truncation_strategy="delete")[0] is None
-    ds = data.SFTDataset(rows, processor, max_length=last_vision)
+    right = {"truncation_strategy": "right"}
+    assert data.SFTDataset(rows, processor, max_length=last_vision, **right)[0] is None  # would cut the image
+    assert data.SFTDataset(rows, processor, max_length=L - 2)[0] is None     # ms-swift's default: delete
+    ds = data.SFTDataset(rows, processor, max_length=last_vision, **right)
     batch = ds.collate([ds[0], data.SFTDataset(rows, processor)[1]])
     assert batch["num_dropped"] == 1 and batch["input_ids"].shape[0] == 1
     assert ds.collate([ds[0]]) == {"num_dropped": 1}

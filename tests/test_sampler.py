@@ -10,8 +10,6 @@ Prompts are built by hand (vision blocks of the right length between random text
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -128,7 +126,7 @@ def test_logprobs_are_those_of_the_support(pair):
     family, hf, ours = pair
     batch, n = make_batch(family), 2
     out = minivl.generate(ours, batch, max_new_tokens=6, temperature=0.7, top_k=30, top_p=0.8,
-                          num_return_sequences=n, seed=3)
+                          num_return_sequences=n, seed=3, eos_token_id=[])  # no row ends: every token counts
     ref = full_logits(ours, dict(batch, family=family), out.tokens, n)
     for r in range(out.tokens.shape[0]):
         for i in range(out.tokens.shape[1]):
@@ -440,15 +438,3 @@ def test_compiled_step_equals_eager(tmp_path, decode):
         states.append(state)
     assert torch.equal(states[0].tokens, states[1].tokens)
     assert (states[0].logprobs - states[1].logprobs).abs().max() < 1e-5
-
-
-def test_command_line_streams_an_answer(tmp_path):
-    from minivl.demo import make_demo
-
-    paths = make_demo(tmp_path / "demo")
-    image = sorted(paths["images"].iterdir())[0]
-    run = subprocess.run([sys.executable, "-m", "minivl.generate", "--model", str(paths["model"]), "--image",
-                          str(image), "--prompt", "What colour is the shape?", "--max-new-tokens", "8"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "tokens" in run.stderr  # the summary line

@@ -11,7 +11,7 @@ nowhere else.
 
 Qwen2-VL names its vision fields differently: `embed_dim` is the ViT width and `hidden_size` is the merger
 output (= the LLM width); Qwen2.5-VL and Qwen3-VL use `hidden_size` for the ViT width and `out_hidden_size`
-for the merger output (facts §2.1, pitfall 18).
+for the merger output.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -141,7 +141,7 @@ class Config:
             rms_norm_eps=t.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             mrope_section=list(rope.get("mrope_section", default_section)),
-            # transformers ignores the flag: Qwen3-VL text rotary is always interleaved (facts §2.1)
+            # transformers ignores the flag: Qwen3-VL text rotary is always interleaved
             mrope_interleaved=family == "qwen3_vl",
             attention_bias=family != "qwen3_vl" or bool(t.get("attention_bias", False)),
             qk_norm=family == "qwen3_vl",

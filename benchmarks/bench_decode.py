@@ -84,6 +84,23 @@ def prefill(model, batch, n, new_tokens, sampling, on_logits=None):
         return sampler.prefill(model, batch, n, new_tokens, sampling, [], 0, 0, on_logits=on_logits)
 
 
+def rollout_state(model, cfg, rows, tokens, device):
+    """(batch, sampling, prefilled state) as bench_sampler runs them: one prompt greedy, or rows // 8 prompts x 8
+    answers at temperature 1, a cache for `tokens` new tokens; compiled code dropped first."""
+    forget_compiled()
+    prompts, n = (1, 1) if rows == 1 else (rows // 8, 8)
+    batch = make_batch(cfg, prompts, device, torch.bfloat16, seed=2)
+    sampling = sampler.Sampling(0.0 if rows == 1 else 1.0)
+    return batch, sampling, prefill(model, batch, n, tokens, sampling)
+
+
+def middle_ms(step, device, tokens, replays):
+    """Median ms of `replays` steps around the middle of a `tokens`-token answer (the cache half written)."""
+    for _ in range(tokens // 2 - replays // 2 - 1):
+        step()
+    return median_ms(step, device, replays)
+
+
 # ------------------------------------------------------------------------------------------------------- check
 
 def backend_runs(model, batch, n, steps, temperature, backend):
@@ -149,16 +166,10 @@ def time_steps(args):
     for name in args.configs:
         cfg, model = build_model(load_raw(name, layers=2 if args.smoke else 0, tiny=args.smoke), device)
         for rows in args.rows:
-            forget_compiled()
-            prompts, n = (1, 1) if rows == 1 else (rows // 8, 8)
-            batch = make_batch(cfg, prompts, device, torch.bfloat16, seed=2)
-            sampling = sampler.Sampling(0.0 if rows == 1 else 1.0)
-            state = prefill(model, batch, n, args.tokens, sampling)
+            batch, sampling, state = rollout_state(model, cfg, rows, args.tokens, device)
             with torch.no_grad():
                 step = graph_step(model, state, sampling, graphed=device == "cuda")
-                for _ in range(args.tokens // 2 - args.replays // 2 - 1):  # to the middle of the answer
-                    step()
-                ms = median_ms(step, device, args.replays)
+                ms = middle_ms(step, device, args.tokens, args.replays)
             print(json.dumps(dict(model=name, rows=rows, ms=ms)), flush=True)
             del state, step
         del model
@@ -238,20 +249,14 @@ def profile(args):
         cfg, model = build_model(load_raw(name, layers=2 if args.smoke else 0, tiny=args.smoke), device)
         for rows in args.rows:
             for decode in args.decode:
-                forget_compiled()
-                prompts, n = (1, 1) if rows == 1 else (rows // 8, 8)
-                batch = make_batch(cfg, prompts, device, torch.bfloat16, seed=2)
-                sampling = sampler.Sampling(0.0 if rows == 1 else 1.0)
-                state = prefill(model, batch, n, args.tokens, sampling)
+                batch, sampling, state = rollout_state(model, cfg, rows, args.tokens, device)
                 if args.no_share:  # every row reads its own copy of the prompt
                     state.shared = (1, 0)
                 start = time.perf_counter()
                 with torch.no_grad():
                     step = graph_step(model, state, sampling, decode, graphed=device == "cuda")
                     built = time.perf_counter() - start
-                    for _ in range(args.tokens // 2 - args.replays // 2 - 1):
-                        step()
-                    ms = median_ms(step, device, args.replays)
+                    ms = middle_ms(step, device, args.tokens, args.replays)
                     kernels = kernel_profile(step, args.profile, device)
                 T0, S = batch["input_ids"].shape[1], state.key_valid.shape[1]
                 written = (decoder_bytes(model) + kv_bytes(cfg, rows, T0 + args.tokens // 2)) / bandwidth * 1e3

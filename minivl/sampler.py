@@ -25,7 +25,6 @@ import functools
 import os
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +68,7 @@ class DecodeState:
     eos: torch.Tensor  # (ne,) token ids that end a row
     seed: torch.Tensor  # () int64
     pad_id: int
-    on_logits: Callable = None  # debug hook, off the hot path: called with every step's float32 logits (N, V)
+    on_logits: object = None  # debug hook, off the hot path: called with every step's float32 logits (N, V)
 
 
 def vision_token_ids(cfg):
@@ -266,14 +265,12 @@ def generate(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     (default: the first eos, else 0). stream(tokens (N, i), lengths (N,)) is called every check_every steps (default
     16 on CUDA, 1 on the CPU) and at the end. compile=False captures the eager step (CUDA). decode: "auto" (a
     kernels/decode/ backend where one takes the call), "reference" (decode_step), or a backend's name."""
-    if max_new_tokens < 1 or num_return_sequences < 1:
-        raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, got {temperature}, {top_p}, {top_k}")
+    if max_new_tokens < 1 or num_return_sequences < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need max_new_tokens, num_return_sequences >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= "
+                         f"0; got {max_new_tokens}, {num_return_sequences}, {temperature}, {top_p}, {top_k}")
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    if seed is None:
-        seed = int(torch.randint(2**31, ()))  # torch.manual_seed decides it
+    seed = int(torch.randint(2**31, ())) if seed is None else seed  # torch.manual_seed decides it
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     state = prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed)
     # Qwen3-VL-MoE routes with data-dependent shapes, which a CUDA graph cannot hold: it decodes eagerly, as the CPU

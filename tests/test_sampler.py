@@ -50,6 +50,17 @@ def make_step(model, state, sampling, decode):
     return lambda: step(state)
 
 
+def run_steps(model, batch, n, steps, sampling, decode, seed):
+    """Prefill and steps - 1 decode steps through `decode` -> (every step's logits (N, steps, V), the state)."""
+    logits = []
+    with torch.no_grad():
+        state = sampler.prefill(model, batch, n, steps, sampling, eos=[], pad_id=0, seed=seed, on_logits=logits.append)
+        step = make_step(model, state, sampling, decode)
+        for _ in range(steps - 1):
+            step()
+    return torch.stack(logits, dim=1), state
+
+
 def make_batch(family, repeat=1):
     """Three prompts of different lengths: text + image + text, text + video + text, short text only.
     repeat > 1 repeats each prompt (and its pixels) in place, as the sampler orders its n answers."""
@@ -102,15 +113,9 @@ def test_cached_logits_equal_full_forward(pair, decode, monkeypatch):
     family, hf, ours = pair
     batch, n, steps = make_batch(family), 2, 7
     s = sampler.Sampling(temperature=0.9, top_k=40, top_p=0.95)
-    decode = use_decode(decode, monkeypatch)
-    logits = []
-    with torch.no_grad():
-        state = sampler.prefill(ours, batch, n, steps, s, eos=[], pad_id=0, seed=5, on_logits=logits.append)
-        step = make_step(ours, state, s, decode)
-        for _ in range(steps - 1):
-            step()
+    logits, state = run_steps(ours, batch, n, steps, s, use_decode(decode, monkeypatch), seed=5)
     ref = full_logits(ours, dict(batch, family=family), state.tokens, n)
-    assert len(logits) == steps and (torch.stack(logits, dim=1) - ref).abs().max() <= TOL
+    assert logits.shape[1] == steps and (logits - ref).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("backend,n", [("one_row", 1), ("rows", 2)])
@@ -122,16 +127,9 @@ def test_every_backend_equals_the_reference_step(pair, backend, n, temperature, 
     batch = make_batch(family) if n > 1 else {k: v[-1:] for k, v in make_batch(family).items()
                                               if k in ("input_ids", "attention_mask")}  # the text-only prompt
     use_decode("kernels", monkeypatch)
-    s, steps, runs = sampler.Sampling(temperature), 6, []
-    for decode in ("reference", backend):
-        logits = []
-        with torch.no_grad():
-            state = sampler.prefill(ours, batch, n, steps, s, eos=[], pad_id=0, seed=4, on_logits=logits.append)
-            step = make_step(ours, state, s, decode)
-            for _ in range(steps - 1):
-                step()
-        runs.append((torch.stack(logits, dim=1), state))
-    (ref, ref_state), (got, got_state) = runs
+    s, steps = sampler.Sampling(temperature), 6
+    (ref, ref_state), (got, got_state) = (run_steps(ours, batch, n, steps, s, decode, seed=4)
+                                          for decode in ("reference", backend))
     assert (got - ref).abs().max() <= TOL
     assert torch.equal(got_state.tokens, ref_state.tokens) and torch.equal(got_state.lengths, ref_state.lengths)
     assert (got_state.logprobs - ref_state.logprobs).abs().max() <= TOL
@@ -289,15 +287,11 @@ def test_one_row_backend(pair, monkeypatch):
     assert ended.tokens[0].tolist() == out.tokens[0, : first + 1].tolist() and int(ended.lengths[0]) == first + 1
     assert not ended.truncated[0]
 
-    s, logits = sampler.Sampling(temperature=0.9), []
+    logits, state = run_steps(ours, batch, 1, steps, sampler.Sampling(temperature=0.9), decode, seed=2)
     with torch.no_grad():
-        state = sampler.prefill(ours, batch, 1, steps, s, eos=[], pad_id=0, seed=2, on_logits=logits.append)
-        step = make_step(ours, state, s, decode)
-        for _ in range(steps - 1):
-            step()
         full = ours(torch.cat([ids, state.tokens], 1), attention_mask=torch.cat(
             [mask, torch.ones_like(state.tokens)], 1), pixel_values=pv, image_grid_thw=thw)
-    assert (torch.stack(logits, 1) - full[:, ids.shape[1] - 1 : -1].float()).abs().max() <= TOL
+    assert (logits - full[:, ids.shape[1] - 1 : -1].float()).abs().max() <= TOL
 
     if family != "qwen3_vl_moe":
         calls.clear()

@@ -344,7 +344,8 @@ def ab(args):
             "greedy = first |\n|---|---|---|---|---|---|---|")
         for label, state, _, logits in steps:
             ms = statistics.median(rounds[label])
-            same = "yes" if torch.equal(logits, ref_logits) else f"max diff {float((logits - ref_logits).abs().max()):.3g}"
+            diff = float((logits - ref_logits).abs().max())
+            same = "yes" if diff == 0 else f"max diff {diff:.3g}"
             equal = int((state.tokens == ref_state.tokens).all(0).sum())
             say(f"| {label} | {ms:.3f} | {min(rounds[label]):.3f}-{max(rounds[label]):.3f} | {ms / ref_ms:.3f} | "
                 f"{100 * floor_ms / ms:.0f}% | {same} | {equal}/{state.tokens.shape[1]} |")

@@ -147,7 +147,8 @@ def gemv(args):
                 print(f"{name} {proj} {label}: {us:.2f} us, {table[-1][5]:.2f} TB/s", flush=True)
             del weights
             torch.cuda.empty_cache()
-    print("\n| model | proj | weight | variant | us | TB/s | of copy bw | rel. error |\n|---|---|---|---|---|---|---|---|")
+    print("\n| model | proj | weight | variant | us | TB/s | of copy bw | rel. error |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, proj, shape, label, us, tbs, err in table:
         print(f"| {name} | {proj} | {shape} | {label} | {us:.2f} | {tbs:.2f} | {100 * tbs * 1e12 / bw:.0f}% | "
               f"{err:.1e} |")

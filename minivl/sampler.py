@@ -84,7 +84,8 @@ def prefill(model, batch, n, max_new_tokens, sampling, eos, pad_id, seed, on_log
     cfg, text, device, dtype = model.cfg, model.cfg.text, model.device, model.dtype
     input_ids = batch["input_ids"].to(device)
     (B, T0), K, Dh = input_ids.shape, text.num_key_value_heads, text.head_dim
-    attention_mask = batch.get("attention_mask", torch.ones_like(input_ids)).to(device)
+    attention_mask = batch.get("attention_mask")
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     vision = {k: batch[k].to(device) for k in VISION_KEYS if batch.get(k) is not None}
     position_ids, deltas = get_rope_index(cfg, input_ids, attention_mask, vision.get("image_grid_thw"),
                                           vision.get("video_grid_thw"), vision.get("second_per_grid_ts"))

@@ -217,7 +217,8 @@ def test_backend_weights_follow_updates_and_fold_lora(pair, monkeypatch):
         folded = kernels.decode.layer_weights(layers[0])
         attn = layers[0].self_attn
         want = attn.q_proj.weight + attn.q_proj.scale * attn.q_proj.lora_B.weight @ attn.q_proj.lora_A.weight
-        assert torch.allclose(folded.qkv[: want.shape[0]], want, atol=1e-6) and not torch.equal(want, attn.q_proj.weight)
+        assert torch.allclose(folded.qkv[: want.shape[0]], want, atol=1e-6)
+        assert not torch.equal(want, attn.q_proj.weight)
     adapted = greedy()
     assert not torch.equal(adapted, before) and torch.equal(greedy(kernels_decode), adapted)
 

@@ -12,8 +12,8 @@ Runs, per model:
   b=1   greedy, 256 new tokens. transformers: min_new_tokens = max_new_tokens; minivl: no eos. Same count.
   b=64  8 prompts x 8 answers, temperature 1, 512 new tokens. transformers is timed on --hf-tokens new tokens
         (all 512 by default; with fewer, its time for 512 is its prefill (TTFT) plus 511 of its measured decode
-        steps, extrapolated, and the table says so); the fastest of --hf-repeats runs. --attention-64 auto triton: minivl's rows once per
-        DecodeOptions.attention, against the same transformers run.
+        steps, extrapolated, and the table says so); the fastest of --hf-repeats runs. --decode-64 auto reference:
+        minivl's rows once per generate(decode=...), against the same transformers run.
 Columns:
   tok/s          rows x new tokens / wall time of one generate call (prefill, vision tower, compile cache
                  lookups and the CUDA-graph capture included), median of --repeats calls after a warm-up call.
@@ -29,7 +29,6 @@ greedy prefix (bf16 rounding differs between the two implementations, so long an
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -42,7 +41,8 @@ import torch._inductor.config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from minivl import sampler  # noqa: E402
-from common import published_config, shared_models  # noqa: E402
+from common import (copy_bandwidth, decoder_bytes, kv_bytes, load_raw, make_batch, shared_models,  # noqa: E402
+                    sync)
 
 LOG = []
 ARGS = None
@@ -57,40 +57,6 @@ def say(*parts):
 
 # ------------------------------------------------------------------------------------------ models, inputs
 
-def load_raw(name, layers=0, tiny=False):
-    raw = published_config(name, layers)
-    if tiny:  # --smoke: tiny widths, the real vocabulary (the token ids are the real ones)
-        t, v = raw.get("text_config", raw), raw["vision_config"]
-        t.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-        rope = t.get("rope_scaling") or raw.get("rope_scaling")
-        if "head_dim" in t:
-            t["head_dim"] = 16
-            rope["mrope_section"] = [4, 2, 2]
-        else:
-            rope["mrope_section"] = [2, 3, 3]
-        v.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-    return raw
-
-
-def make_batch(cfg, prompts, device, dtype, seed=0):
-    """Left-padded prompts: text (8 + 5i tokens), one 448x448 image, text (12 + 3i tokens)."""
-    patch = cfg.vision.patch_size
-    side = round(448 / (2 * patch)) * 2  # patches per side after smart_resize
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(prompts):
-        words = torch.randint(1000, 100000, (20 + 8 * i,), generator=g).tolist()
-        rows.append(words[: 8 + 5 * i] + [cfg.vision_start_token_id] + [cfg.image_token_id] * (side * side // 4)
-                    + [cfg.vision_end_token_id] + words[8 + 5 * i:])
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    pv = torch.randn(prompts * side * side, 3 * 2 * patch * patch, generator=g)
-    thw = torch.tensor([[1, side, side]] * prompts)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "pixel_values": pv.to(device, dtype),
-            "image_grid_thw": thw.to(device)}
-
-
 def hf_generate(hf, cfg, batch, new_tokens, **kw):
     ids = batch["input_ids"]
     out = hf.generate(**batch, mm_token_type_ids=(ids == cfg.image_token_id).int(), max_new_tokens=new_tokens,
@@ -100,11 +66,6 @@ def hf_generate(hf, cfg, batch, new_tokens, **kw):
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
 
 def measure(fn, device):
     """(result, seconds, peak bytes above the memory allocated before the call)."""
@@ -126,40 +87,26 @@ def median_run(fn, device, repeats):
     return runs[0][0], statistics.median(r[1] for r in runs), max(r[2] for r in runs)
 
 
-def copy_bandwidth(device):
-    """Bytes read + written per second by a large device-to-device copy."""
-    n = 2**30 if device == "cuda" else 2**24
-    src, dst = torch.randn(n // 2, device=device, dtype=torch.bfloat16), torch.empty(n // 2, device=device,
-                                                                                       dtype=torch.bfloat16)
-    for _ in range(3):
-        dst.copy_(src)
-    _, seconds, _ = measure(lambda: [dst.copy_(src) for _ in range(20)], device)
-    return 2 * n * 20 / seconds
-
-
-def decoder_bytes(model):
-    """Bytes of the weights one decode step reads: every decoder weight, lm_head once (tied or not)."""
-    text = model.model.language_model
-    size = sum(p.numel() * p.element_size() for name, p in text.named_parameters()
-               if not name.startswith("embed_tokens"))
-    return size + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-
-
-def kv_bytes(cfg, rows, slots, dtype_bytes=2):
-    t = cfg.text
-    return 2 * t.num_hidden_layers * rows * t.num_key_value_heads * slots * t.head_dim * dtype_bytes
-
-
-def decode_time(model, batch, n, new_tokens, temperature, device, compile=None, decode=sampler.DECODE):
-    """Seconds per decode step of the captured graph (all max_new_tokens - 1 steps of one answer)."""
+def decode_time(model, batch, n, new_tokens, temperature, device, compile=None, decode="auto"):
+    """Seconds per decode step of the captured graph (all max_new_tokens - 1 steps of one answer), as generate
+    builds it."""
     s = sampler.Sampling(temperature)
     compile = COMPILE if compile is None else compile
     with torch.no_grad():
-        state = sampler.prefill(model, batch, n, new_tokens, s, eos=[], pad_id=0, seed=0, decode=decode)
-        step = sampler.cuda_graph_step(model, state, s, compile) if device == "cuda" else (
-            lambda: sampler.decode_step(model, state, s))
+        state = sampler.prefill(model, batch, n, new_tokens, s, eos=[], pad_id=0, seed=0)
+        parts = sampler.compiled_parts() if compile and device == "cuda" else sampler.PARTS
+        step = sampler.backend_step(decode, model, state, s, parts) or (
+            lambda st: sampler.decode_step(model, st, s, parts))
+        step = sampler.cuda_graph(step, state) if device == "cuda" else (lambda f=step: f(state))
         _, seconds, _ = measure(lambda: [step() for _ in range(new_tokens - 1)], device)
     return seconds / (new_tokens - 1), state.key_valid.shape[1]
+
+
+def forget_compiled():
+    """Drop compiled code: the next step compiles afresh with static shapes (code compiled before for other shapes
+    would be recompiled with dynamic ones, which is slower)."""
+    torch._dynamo.reset()
+    sampler.compiled_parts.cache_clear()
 
 
 def common_prefix(a, b):
@@ -178,9 +125,9 @@ def check_float32(name, device, new_tokens):
     with torch.no_grad():
         ref = hf_generate(hf, cfg, batch, new_tokens, do_sample=False)
         out = minivl_generate(ours, batch, new_tokens, temperature=0.0)
-        # 4 answers a prompt: 8 rows, which read each prompt from its first copy (KVCache.shared)
+        # 4 answers a prompt: 8 rows, which read each prompt from its first copy (DecodeState.shared)
         out_n = minivl_generate(ours, batch, new_tokens, temperature=0.0, num_return_sequences=4)
-        one = make_batch(cfg, 1, device, torch.float32, seed=2)  # one row: the step's kernel layers (DECODE.layer)
+        one = make_batch(cfg, 1, device, torch.float32, seed=2)  # one row: the one_row backend
         ref_one = hf_generate(hf, cfg, one, new_tokens, do_sample=False)
         out_one = minivl_generate(ours, one, new_tokens, temperature=0.0)
     equal = (torch.equal(out.tokens, ref) and torch.equal(out_n.tokens, ref.repeat_interleave(4, 0))
@@ -259,11 +206,8 @@ def bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args):
         f"TTFT {ttft_hf * 1e3:.0f} ms, peak {peak_hf / 2**30:.2f} GiB; {new} tokens extrapolated: "
         f"{N * new / t_hf_full:.0f} tok/s")
     rows = []
-    # each a row, against the same transformers run; the row kernels have their own attention
-    variants = [(layer, a) for layer in args.layer_64 for a in (["auto"] if layer == "kernels" else args.attention_64)]
-    for layer, attention in variants:
-        decode = dataclasses.replace(sampler.DECODE, attention=attention, layer=layer)
-        sampler.forget_compiled()
+    for decode in args.decode_64:  # each a row, against the same transformers run
+        forget_compiled()
         gen = lambda: minivl_generate(ours, batch, new, temperature=1.0, num_return_sequences=n, seed=0,  # noqa
                                       decode=decode)
         _, t_first, _ = first_call(gen, device)
@@ -272,12 +216,12 @@ def bench_rollouts(name, cfg, hf, ours, weights, bandwidth, device, args):
                                                         decode=decode), device, 3)
         step, S = decode_time(ours, batch, n, new, 1.0, device, decode=decode)
         kv_full, kv_live = kv_bytes(cfg, N, S), kv_bytes(cfg, N, T0 + new / 2)
-        say(f"b={N} minivl ({layer} layers, attention {attention}): {N * new / t_ours:.0f} tok/s (first call, "
+        say(f"b={N} minivl (decode {decode}): {N * new / t_ours:.0f} tok/s (first call, "
             f"compiling: "
             f"{t_first:.1f} s), decode {N / step:.0f} tok/s (step {step * 1e3:.2f} ms), TTFT {ttft * 1e3:.0f} ms, "
             f"peak {peak / 2**30:.2f} GiB; a step reads {weights / 1e9:.2f} GB weights + {kv_full / 1e9:.2f} GB "
             f"cache ({kv_live / 1e9:.2f} GB written so far, on average)")
-        label = name if (layer, attention) == ("kernels", "auto") else f"{name} ({layer}, {attention})"
+        label = name if decode == "auto" else f"{name} ({decode})"
         rows.append(dict(model=label, rows=N, prompt=T0, new=new, hf=N * new / t_hf_full, ours=N * new / t_ours,
                          decode=N / step, floor_weights=N * bandwidth / weights,
                          floor=N * bandwidth / (weights + kv_full), ttft_hf=ttft_hf, ttft=ttft, peak_hf=peak_hf,
@@ -340,11 +284,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--runs", nargs="+", default=["b1", "b64"], choices=["b1", "b64"])
-    ap.add_argument("--attention-64", nargs="+", default=["auto"], choices=["auto", "sdpa", "math", "triton"],
-                    help="b=64: DecodeOptions.attention of the compiled layer, a row each")
-    ap.add_argument("--layer-64", nargs="+", default=["kernels"], choices=["kernels", "compiled"],
-                    help="b=64: DecodeOptions.layer, a row each (kernels: the row kernels; compiled: per "
-                         "--attention-64)")
+    ap.add_argument("--decode-64", nargs="+", default=["auto"], choices=["auto", "reference"],
+                    help="b=64: generate's decode=, a row each (auto: the rows backend; reference: the model's "
+                         "layers, compiled)")
     ap.add_argument("--no-compile", action="store_true", help="capture the eager decode step (CUDA graph only)")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")
@@ -384,7 +326,7 @@ def main():
                 say(traceback.format_exc())
             save()
     for name in args.configs:
-        sampler.forget_compiled()  # each shape compiles afresh, as in a run that trains one model
+        forget_compiled()  # each shape compiles afresh, as in a run that trains one model
         try:
             results["rows"] += bench_model(name, args.device, bandwidth, args)
         except Exception:

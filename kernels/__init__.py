@@ -1,8 +1,9 @@
-"""minivl's Triton kernels: fused log-probs (`kernels.logprobs`), fused LoRA linear (`kernels.lora`), and for the
-sampler the split-KV decode attention (`kernels.decode_attention`) and the one-row decoder layer
-(`kernels.decode_layer`).
+"""minivl's Triton kernels: fused log-probs (`kernels.logprobs`), fused LoRA linear (`kernels.lora`), and the
+sampler's fast decode steps (`kernels.decode`: the split-KV attention, the one-row and several-row decoder layers,
+the sampling tails, behind one `prepare`). kernels/ imports nothing from minivl/.
 
-Each public function has a plain-PyTorch `*_reference` twin with the same signature. Which one runs:
+Each public function has a plain-PyTorch `*_reference` twin with the same signature (the several-row sampling tail's
+twin is the sampler's own sampling). Which one runs:
 
     MINIVL_KERNELS=triton      always the Triton kernel (on CPU tensors too, under TRITON_INTERPRET=1)
     MINIVL_KERNELS=reference   always the PyTorch reference

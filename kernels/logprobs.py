@@ -33,7 +33,7 @@ Triton path (the `*_reference` twins below are the plain-PyTorch definition, use
   A fully fused backward would need a (BM x H) gradient accumulator per program, too large for registers at
   H = 2048..3584; cuBLAS on one chunk keeps the reduction over the vocabulary inside one float32 GEMM.
 
-Measured (H100, N = 8192, V = 151,936, bf16, benchmarks/NOTES_kernels.md): fwd+bwd with a frozen head takes
+Measured (N = 8192, V = 151,936, bf16; the GPU in benchmarks/NOTES_kernels.md): fwd+bwd with a frozen head takes
 255 / 279 MiB extra (1.5-1.7% of the naive path's 16.2 GiB) and 0.67x / 0.81x the naive time at H = 2048 / 3584;
 the no-grad forward 5 MiB and 0.56x / 0.75x; token_logprobs' forward runs at the speed of one read of the logits.
 
@@ -338,7 +338,7 @@ _SMS = {}
 
 def _splits(N, V, cfg, device):
     # vocab splits S: enough programs to fill the GPU in whole waves, few enough that the (4, S, N) stats
-    # stay small (S x N floats; S = 33 at N = 8192 on an H100)
+    # stay small (S x N floats; S = 33 at N = 8192 on a GPU of 132 SMs)
     if device.type == "cuda" and device.index not in _SMS:
         _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     sms = _SMS.get(device.index, 2) if device.type == "cuda" else 2

@@ -7,7 +7,7 @@ PEFT's layout: W (out, in) frozen, b (out,) frozen or None, A (r, in), B (out, r
 under autograd; `lora_linear_addmm` is the pure-PyTorch version of what the kernels do (Unsloth's approach:
 cuBLAS base products, low-rank terms accumulated in place with addmm, gradients for A and B by hand).
 
-Why kernels: with N = 8192 tokens and in = out = 2048 the base products take ~0.18 ms on an H100, while one
+Why kernels: with N = 8192 tokens and in = out = 2048 the base products take ~0.18 ms on a GPU of ~3 TB/s, while one
 extra pass over an (N, 2048) bf16 tensor takes ~0.011 ms. The unfused LoRA makes about eight such passes
 (y, dY and dX read and written again for the low-rank terms). The Triton path makes the low-rank terms ride
 on the base GEMM tiles instead:
@@ -19,7 +19,7 @@ on the base GEMM tiles instead:
   dY or x: dA += scale dYB^T x[tile] in the epilogue (the x tile is (BM, BN), read once over the whole
   grid) and, in the first column block's K loop, dB += scale dY[tile]^T xa; both added atomically in
   float32 ((r, in) and (out, r): small).
-What we measured (H100, benchmarks/NOTES_kernels.md): this Triton GEMM main loop (no TMA, no warp
+What we measured (benchmarks/NOTES_kernels.md): this Triton GEMM main loop (no TMA, no warp
 specialisation) runs at ~540 TFLOP/s where cuBLAS runs the same product at ~700, so the fused kernels only win
 where the base product is thin (k/v: 2048 -> 256, 2.0x the base vs 2.9x for addmm and 3.6x for PEFT). For the
 large shapes the addmm path is faster (1.30-1.78x the base vs PEFT's 1.40-2.19x). `lora_linear` picks per
@@ -43,7 +43,7 @@ CONFIG = {
     "tiles": [(128, 256), (128, 128), (64, 128)],
     "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3, "min_programs": 132,
     # FLOP per byte where a thin dot inside the K loop costs as much as one extra pass over its input
-    # (H100: ~800 TFLOP/s bf16 over ~3 TB/s, measured); see `_in_loop`
+    # (~800 TFLOP/s bf16 over ~3 TB/s, measured: benchmarks/NOTES_kernels.md); see `_in_loop`
     "ridge": 267.0,
     "in_loop": None,  # True / False forces the choice (the benchmark compares both)
     "db_in_loop": True,  # dB from the dX kernel's first column block (False: one more cuBLAS pass over dY)

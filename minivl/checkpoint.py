@@ -1,6 +1,7 @@
-"""Read and write the official Hugging Face checkpoints: config.json plus one or many safetensors files.
+"""Read the official Hugging Face checkpoints: config.json plus one or many safetensors files. (Writing them is
+VLModel.save_pretrained, in model.py.)
 
-Tensor names in the files (facts §1):
+Tensor names in the files:
   Qwen2-VL / Qwen2.5-VL   `model.*` (decoder), `visual.*` (vision tower), `lm_head.*`
   Qwen3-VL (+ MoE)        `model.language_model.*`, `model.visual.*`, `lm_head.*`
 minivl's module names are the Qwen3 ones for every family, so loading is one prefix map and one
@@ -19,15 +20,14 @@ truncated or corrupt file. Nothing is unpickled.
 
 import difflib
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import Config
+from .model import VLModel, file_to_module_name, module_to_file_name
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*", "vocab*", "merges*"]
 
@@ -76,24 +76,6 @@ def read_config(directory):
     return Config.from_dict(raw), raw
 
 
-def file_to_module_name(name, family):
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        if name.startswith("visual."):
-            return "model." + name
-        if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
-            return "model.language_model." + name[len("model."):]
-    return name
-
-
-def module_to_file_name(name, family):
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        if name.startswith("model.visual."):
-            return name[len("model."):]
-        if name.startswith("model.language_model."):
-            return "model." + name[len("model.language_model."):]
-    return name
-
-
 def open_shards(directory):
     """{tensor name: safetensors file} of a checkpoint directory, checking that every shard exists and parses."""
     directory = Path(directory)
@@ -126,8 +108,6 @@ def _files_from_transformers5(raw):
 
 def load(path_or_hub_id, dtype=None, device=None):
     """The model of a checkpoint directory or hub id, in eval mode. dtype None keeps the stored dtype."""
-    from .model import VLModel
-
     directory = resolve(path_or_hub_id)
     cfg, raw = read_config(directory)
     with torch.device("meta"):
@@ -191,49 +171,3 @@ def eos_token_ids(directory, raw_config):
     if eos is None:
         eos = raw_config.get("eos_token_id", (raw_config.get("text_config") or {}).get("eos_token_id"))
     return None if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
-def save(model, directory, max_shard_bytes=5 * 2**30):
-    """config.json and safetensors shards with the official names and layout. Files are written under temporary
-    names and renamed at the end, so an interrupted save never leaves a half-written checkpoint in place."""
-    cfg = model.cfg
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, p in model.state_dict().items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        tensors[module_to_file_name(name, cfg.family)] = p.detach().to("cpu").contiguous()
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    written = []
-    for fname, shard in zip(names, shards):
-        save_file(shard, directory / (fname + ".tmp"), metadata={"format": "pt"})
-        os.chmod(directory / (fname + ".tmp"), 0o644)  # safetensors writes 0600; checkpoints are shared files
-        written.append(fname)
-    extra = {"config.json": json.dumps(cfg.to_dict(dtype=model.dtype), indent=2)}
-    if len(shards) > 1:
-        weight_map = {k: f for f, shard in zip(names, shards) for k in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        extra["model.safetensors.index.json"] = json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    for fname, text in extra.items():
-        (directory / (fname + ".tmp")).write_text(text)
-        written.append(fname)
-    for fname in written:
-        os.replace(directory / (fname + ".tmp"), directory / fname)
-    # a previous save with another shard count would leave stale shards that an index-less reader would glob
-    for stale in directory.glob("model*.safetensors"):
-        if stale.name not in names:
-            stale.unlink()
-    if len(shards) == 1 and (directory / "model.safetensors.index.json").exists():
-        (directory / "model.safetensors.index.json").unlink()

@@ -11,7 +11,7 @@ nowhere else.
 
 Qwen2-VL names its vision fields differently: `embed_dim` is the ViT width and `hidden_size` is the merger
 output (= the LLM width); Qwen2.5-VL and Qwen3-VL use `hidden_size` for the ViT width and `out_hidden_size`
-for the merger output (facts §2.1, pitfall 18).
+for the merger output.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -200,7 +200,7 @@ class Config:
             rope_theta=float(rope.get("rope_theta", t["rope_theta"])),
             mrope_section=list(rope.get("mrope_section", [24, 20, 20] if family == "qwen3_vl" else
                                         [16, 24, 24])),
-            # transformers ignores the flag: Qwen3-VL text rotary is always interleaved (facts §2.1)
+            # transformers ignores the flag: Qwen3-VL text rotary is always interleaved
             mrope_interleaved=family == "qwen3_vl",
             attention_bias=family != "qwen3_vl",
             qk_norm=family == "qwen3_vl",

@@ -11,8 +11,8 @@ writes, in a few seconds and the same bytes for the same seed:
     demo_data/data/    train.jsonl, test.jsonl (ms-swift style), images/*.png (56x56: one coloured shape)
     demo_data/demo.json  what was made and where (also the "already made" marker)
 
-The task, "What colour is the shape?" with four colours, is what facts/demo.md measured a model of this size to
-learn on a CPU in about a minute (counting is not learnable at this size). Every script uses this directory as
+The task, "What colour is the shape?" with four colours, is what a model of this size was measured to learn on a
+CPU in about a minute (counting is not learnable at this size). Every script uses this directory as
 its default model and data, and many tests use it as their fixture: `make_demo(dir)` returns the paths and does
 nothing when the directory is already made.
 
@@ -51,7 +51,7 @@ SHAPES = ("square", "circle", "triangle")
 QUESTION = "What colour is the shape?"
 IMAGE_SIZE = 56                      # 4x4 patches of 14 -> 4 merged tokens per image
 
-# the Qwen2.5-VL chat format of facts §6.1 as a Jinja template, written here for transformers (minivl renders
+# the Qwen2.5-VL chat format (its chat_template.json) as a Jinja template, written here for transformers (minivl renders
 # the same format in Python: processor.render_qwen2)
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -127,7 +127,7 @@ def tokenizer_config(tok):
 # ------------------------------------------------------------------------------------------------- configs
 
 def model_config(tok):
-    """An official flat Qwen2.5-VL config.json (facts §2.1) at the widths of facts/demo.md."""
+    """An official flat Qwen2.5-VL config.json at the demo's tiny widths."""
     ids = token_ids(tok)
     vocab = (tok.get_vocab_size() + 63) // 64 * 64          # room above the tokenizer, as Qwen's 151936
     return {

@@ -46,7 +46,8 @@ if getattr(kernels, "MINIVL_KERNELS", False) is not True:  # Hugging Face's hub 
                       "first on sys.path")
 from kernels.lora import lora_linear  # noqa: E402
 
-from .checkpoint import file_to_module_name, module_to_file_name, resolve
+from .checkpoint import resolve
+from .model import file_to_module_name, module_to_file_name
 from .config import ARCHITECTURES
 
 PREFIX = "base_model.model."  # what PEFT puts in front of the model's module names
@@ -84,6 +85,13 @@ class LoRALinear(nn.Module):
             # peft.tuners.lora.layer.Linear.forward: base(x) + B(A(dropout(x))) * scaling
             return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), a), b) * self.scale
         return lora_linear(x, self.weight, self.bias, a, b, self.scale)
+
+    @torch.no_grad()
+    def merged_weight(self):
+        """W + scale B A in the base weight's dtype, computed in float32: the layer without dropout as one weight.
+        `merge` writes it back; the sampler's decode backends read it for a call (kernels/decode/)."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()  # (out, r) @ (r, in)
+        return (self.weight.float() + self.scale * delta.to(self.weight.device)).to(self.weight.dtype)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
@@ -174,9 +182,7 @@ def merge(model):
     """Fold every adapter into its base weight (W += scale B A, computed in float32) and put the plain
     nn.Linear back. The model afterwards has exactly the official tensors."""
     for name, layer in lora_layers(model):
-        delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float()  # (out, r) @ (r, in)
-        merged = layer.weight.float() + layer.scale * delta.to(layer.weight.device)
-        layer.weight.copy_(merged.to(layer.weight.dtype))
+        layer.weight.copy_(layer.merged_weight())
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         linear.weight, linear.bias = layer.weight, layer.bias
         parent_name, _, child = name.rpartition(".")

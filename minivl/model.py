@@ -5,7 +5,8 @@
     normed hidden (B, T, D) --lm_head--> logits (B, T, V)
 
 Module names equal the tensor names transformers uses in memory (`model.visual.*`, `model.language_model.*`,
-`lm_head.*`), which are the Qwen3-VL file names; checkpoint.py maps the flat Qwen2/2.5-VL file names onto them.
+`lm_head.*`), which are the Qwen3-VL file names; file_to_module_name maps the flat Qwen2/2.5-VL file names onto
+them (checkpoint.py reads checkpoints with it) and module_to_file_name back (save_pretrained writes them).
 
 `model(**batch)` returns logits. `model.hidden_states(**batch)` returns the final normed hidden states, for the
 trainers, which feed them with `model.lm_head.weight` to the fused log-prob kernel instead of materialising
@@ -16,12 +17,35 @@ block, merger, DeepStack features, embeddings, position ids, each decoder layer,
 Shapes: B batch, T tokens, D LLM width, V vocabulary, M merged vision tokens.
 """
 
+import json
+import os
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .rope import get_rope_index
 from .text import TextModel
 from .vision import VisionTower
+
+
+def file_to_module_name(name, family):
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        if name.startswith("visual."):
+            return "model." + name
+        if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
+            return "model.language_model." + name[len("model."):]
+    return name
+
+
+def module_to_file_name(name, family):
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        if name.startswith("model.visual."):
+            return name[len("model."):]
+        if name.startswith("model.language_model."):
+            return "model." + name[len("model.language_model."):]
+    return name
 
 
 class Backbone(nn.Module):
@@ -97,8 +121,8 @@ class VLModel(nn.Module):
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                       pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
                       trace=None, cache=None):
-        """Final normed hidden states (B, T, D) of the decoder. A KVCache of T slots (positions 0..T-1) keeps the
-        prompt's keys and values for the sampler."""
+        """Final normed hidden states (B, T, D) of the decoder. `cache`, one KVCache of T slots a layer (positions
+        0..T-1), keeps the prompt's keys and values for the sampler."""
         cfg = self.cfg
         embeds = self.model.language_model.embed_tokens(input_ids)  # (B, T, D)
         visual_mask, deepstack = torch.zeros_like(input_ids, dtype=torch.bool), []
@@ -137,9 +161,49 @@ class VLModel(nn.Module):
         return logits
 
     def save_pretrained(self, directory, max_shard_bytes=5 * 2**30):
-        from .checkpoint import save
-
-        save(self, directory, max_shard_bytes)
+        """config.json and safetensors shards with the official names and layout. Files are written under temporary
+        names and renamed at the end, so an interrupted save never leaves a half-written checkpoint in place."""
+        cfg = self.cfg
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, p in self.state_dict().items():
+            if cfg.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            tensors[module_to_file_name(name, cfg.family)] = p.detach().to("cpu").contiguous()
+        shards, current, size = [], {}, 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = t
+            size += nbytes
+        shards.append(current)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        written = []
+        for fname, shard in zip(names, shards):
+            save_file(shard, directory / (fname + ".tmp"), metadata={"format": "pt"})
+            os.chmod(directory / (fname + ".tmp"), 0o644)  # safetensors writes 0600; checkpoints are shared files
+            written.append(fname)
+        extra = {"config.json": json.dumps(cfg.to_dict(dtype=self.dtype), indent=2)}
+        if len(shards) > 1:
+            weight_map = {k: f for f, shard in zip(names, shards) for k in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            extra["model.safetensors.index.json"] = json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        for fname, text in extra.items():
+            (directory / (fname + ".tmp")).write_text(text)
+            written.append(fname)
+        for fname in written:
+            os.replace(directory / (fname + ".tmp"), directory / fname)
+        # a previous save with another shard count would leave stale shards that an index-less reader would glob
+        for stale in directory.glob("model*.safetensors"):
+            if stale.name not in names:
+                stale.unlink()
+        if len(shards) == 1 and (directory / "model.safetensors.index.json").exists():
+            (directory / "model.safetensors.index.json").unlink()
 
 
 def _merge_deepstack(image_mask, image_features, video_mask, video_features):

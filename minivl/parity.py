@@ -30,14 +30,14 @@ near-tie may flip a token, so there they are reported only). The tool exits 1 an
 beyond its tolerance, 0 when all pass, 2 on a usage error or when transformers is missing. In float32 on
 CUDA, TF32 is switched off so that both sides compute in true float32 (transformers' Conv3d would use it).
 
-Generation: `minivl.generate(..., temperature=0.0)` (the KV-cache sampler, its decode step not compiled) when
-minivl/sampler.py exists, else a plain greedy loop over full forwards (each step re-runs the whole prompt);
-transformers: `generate(do_sample=False)`. Both stop at the processor's end-of-turn tokens and, as
-minivl.generate does, never pick a vision token.
+Generation: `minivl.generate(..., temperature=0.0, decode="reference", compile=False)` (the KV-cache sampler's
+reference step, eager); transformers: `generate(do_sample=False)`. Both stop at the processor's end-of-turn tokens
+and, as minivl.generate does, never pick a vision token.
 
 Known difference, not a minivl bug: for a Qwen2.5-VL video whose seconds per temporal patch are fractional, or
 whose (t - 1) * time step reaches max(h', w'), transformers 5.x numbers the positions differently from the Qwen
-reference that rope.py follows (facts §7, item 15a); the tool then reports position_ids as the first divergence.
+reference that rope.py follows (its docstring says where); the tool then reports position_ids as the first
+divergence.
 
 What it simplifies: one conversation (batch of one, no padding); a --video is a file (needs PyAV) or a
 directory of frames taken at --fps; transformers 5 gets `mm_token_type_ids` (0 text, 1 image, 2 video), which
@@ -45,7 +45,6 @@ its own processor would have made, to compute its 3-D positions.
 """
 
 import argparse
-import inspect
 import itertools
 import os
 import sys
@@ -56,6 +55,7 @@ import torch
 
 import minivl
 from minivl.rope import get_rope_index
+from minivl.sampler import generate, vision_token_ids
 from minivl.vision import window_index
 
 # relative difference ||a - b|| / ||b|| allowed at every stage. float32 is the sharp check: tiny models agree to
@@ -202,25 +202,6 @@ def run_transformers(hf, batch, cfg):
 
 # ------------------------------------------------------------------------------------------- generation
 
-def find_generate():
-    """minivl.generate (the KV-cache sampler) once minivl/sampler.py exists, else None."""
-    try:
-        from minivl.sampler import generate
-    except ModuleNotFoundError as e:
-        if e.name != "minivl.sampler":
-            raise
-        return None
-    return generate
-
-
-def never_sampled(cfg):
-    """The vision tokens an answer never contains: minivl.generate never samples them (trl #3847), so the
-    comparison bans them on both sides. <|vision_pad|> follows <|vision_end|> in every Qwen-VL tokenizer."""
-    ids = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
-           cfg.vision_end_token_id + 1}
-    return sorted(i for i in ids if i < cfg.text.vocab_size)
-
-
 def until_eos(tokens, eos_ids):
     out = []
     for t in tokens:
@@ -230,40 +211,19 @@ def until_eos(tokens, eos_ids):
     return out
 
 
-def greedy_full_forward(model, batch, max_new_tokens, eos_ids):
-    """Greedy decoding by re-running the full forward each step: positions come from get_rope_index over the
-    whole sequence, so there are no rope deltas and no cache involved."""
-    batch, new, banned = dict(batch), [], never_sampled(model.cfg)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(**batch)[0, -1].float()
-            token = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf")).argmax()
-            new.append(int(token))
-            if new[-1] in eos_ids:
-                break
-            token = token.view(1, 1)
-            batch["input_ids"] = torch.cat([batch["input_ids"], token], dim=1)
-            batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
-    return new
-
-
 def greedy_minivl(model, batch, max_new_tokens, eos_ids, pad_id):
-    generate = find_generate()
-    if generate is None:
-        return greedy_full_forward(model, batch, max_new_tokens, eos_ids), "greedy loop over full forwards"
-    options = {"eos_token_id": sorted(eos_ids), "pad_token_id": pad_id}
-    if "compile" in inspect.signature(generate).parameters:
-        options["compile"] = False  # the eager step: check the model, not torch.compile's fusions
+    # the eager reference step: check the model, not torch.compile's fusions or the Triton backends
     with torch.no_grad():
-        out = generate(model, batch, max_new_tokens=max_new_tokens, temperature=0.0, **options)
-    return until_eos(out.tokens[0, : int(out.lengths[0])].tolist(), eos_ids), "minivl.generate (KV cache)"
+        out = generate(model, batch, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=sorted(eos_ids),
+                       pad_token_id=pad_id, compile=False, decode="reference")
+    return until_eos(out.tokens[0, : int(out.lengths[0])].tolist(), eos_ids)
 
 
 def greedy_transformers(hf, batch, cfg, max_new_tokens, eos_ids, pad_id):
     with torch.no_grad():
         out = hf.generate(**batch, mm_token_type_ids=token_types(batch["input_ids"], cfg), do_sample=False,
                           max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                          bad_words_ids=[[i] for i in never_sampled(cfg)],
+                          bad_words_ids=[[i] for i in vision_token_ids(cfg)],
                           temperature=None, top_p=None, top_k=None)  # no sampling defaults to warn about
     return until_eos(out[0, batch["input_ids"].shape[1]:].tolist(), eos_ids)
 
@@ -409,11 +369,11 @@ def compare(args, modify_minivl=None):
 
 def compare_generation(args, model, hf, processor, batch, cfg):
     eos = set(processor.eos_token_ids)
-    mine, how = greedy_minivl(model, batch, args.max_new_tokens, eos, processor.pad_token_id)
+    mine = greedy_minivl(model, batch, args.max_new_tokens, eos, processor.pad_token_id)
     theirs = greedy_transformers(hf, batch, cfg, args.max_new_tokens, list(eos), processor.pad_token_id)
     n = leading_equal(mine, theirs)
     counts = f"{len(mine)} vs {len(theirs)} tokens"
-    print(f"{'generation':<28} {counts:<20} {n} equal leading tokens ({how} vs transformers "
+    print(f"{'generation':<28} {counts:<20} {n} equal leading tokens (minivl.generate (KV cache) vs transformers "
           f"generate(do_sample=False))")
     print(f"  minivl:       {processor.decode(mine)!r}\n  transformers: {processor.decode(theirs)!r}")
     if mine != theirs:

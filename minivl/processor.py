@@ -367,7 +367,7 @@ def render_items(items, counts, add_vision_id, placeholder):
     return "".join(out)
 
 
-# the chat_template.json of Qwen2-VL / Qwen2.5-VL (facts §6.1)
+# the chat_template.json of Qwen2-VL / Qwen2.5-VL
 def render_qwen2(conversation, add_generation_prompt, default_system, add_vision_id, placeholder):
     """[(text, is_assistant_answer)] pieces; the answer pieces are the assistant content and its <|im_end|>."""
     pieces, counts = [], {"image": 0, "video": 0}
@@ -382,7 +382,7 @@ def render_qwen2(conversation, add_generation_prompt, default_system, add_vision
     return pieces
 
 
-# the chat_template.json of Qwen3-VL Instruct (facts §6.2), without tools
+# the chat_template.json of Qwen3-VL Instruct, without tools
 def render_qwen3(conversation, add_generation_prompt, default_system, add_vision_id, placeholder):
     pieces, counts = [], {"image": 0, "video": 0}
     system = default_system

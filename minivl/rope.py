@@ -5,8 +5,8 @@ Qwen3 one video frame) of merged grid (t', h', w') starts all three rows at the 
 would take, and spreads them: row 0 by time, row 1 by merged-patch row, row 2 by merged-patch column. The text
 after the block continues at (largest position used so far) + 1.
 
-Which behaviour this follows where transformers' versions disagree (facts §7, items 9, 10, 15a): the Qwen team's
-reference (transformers 4.57's `get_rope_index` and the official fine-tune code `rope2d.py`):
+Which behaviour this follows where transformers' versions disagree: the Qwen team's reference (transformers 4.57's
+`get_rope_index` and the official fine-tune code `rope2d.py`):
   * Qwen2.5-VL video time: floor(k * second_per_grid_t * tokens_per_second) for temporal patch k, multiplied
     in floating point before flooring. transformers 5.17 truncates second_per_grid_t to an int first, which
     collapses every temporal patch to 0 when the sampling fps is above 2.

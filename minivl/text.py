@@ -15,6 +15,7 @@ Dh head dim, E experts.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,7 @@ def mrope_cos_sin(position_ids, head_dim, theta, mrope_section, interleaved, dty
     `apply_multimodal_rotary_pos_emb`) give contiguous chunks: the first mrope_section[0] frequencies to time,
     the next [1] to height, the last [2] to width. Qwen3 (`apply_interleaved_mrope`) interleaves them
     T H W T H W ... and leaves the tail to time. Angles are computed in float32 and only the final tables are
-    cast: bf16 angles lose long positions (facts §7.1).
+    cast: bf16 angles lose long positions (a bf16 number near 8192 is a multiple of 64: an angle off by up to 32).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
     freqs = position_ids[..., None].float() * inv_freq  # (3, B, T, Dh/2)
@@ -128,57 +129,31 @@ def attention(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def matmul_f32(a, b):
-    """a (..., M, R) float32 @ b (..., R, N), b read in its own dtype and multiplied in float32. Compiled, it is
-    a broadcast product and a sum, which inductor fuses (cast included) into one reduction kernel; eagerly that
-    product would be materialised, (..., M, R, N) floats, so eager code takes a matmul of a float32 copy of b."""
-    if torch.compiler.is_compiling():
-        return (a[..., :, :, None] * b[..., None, :, :].float()).sum(-2)
-    return a @ b.float()
-
-
-def decode_attention(q, k, v, mask):
-    """`attention` for one query per row (T = 1) written out in float32: q (B, H, 1, Dh) over the whole static
-    cache k, v (B, K, S, Dh) with a boolean mask (B, 1, 1, S) -> (B, H, 1, Dh).
-
-    For the compiled decode step: inductor makes a few Triton kernels of it, spread over all slots, where SDPA's
-    memory-efficient kernel runs B*K thread blocks (2 at Qwen2.5-VL-3B, batch 1) that each walk all S slots.
-    gpt-fast decodes the same way (SDPA's math backend, which inductor decomposes).
-    """
-    B, H, _, Dh = q.shape
-    K = k.shape[1]
-    q = q.view(B, K, H // K, Dh).float() * Dh**-0.5  # (B, K, G, Dh): the G query heads of each key/value head
-    scores = matmul_f32(q, k.transpose(-1, -2))  # (B, K, G, S)
-    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # every row sees at least its own slot
-    return matmul_f32(p, v).to(v.dtype).view(B, H, 1, Dh)  # (B, K, G, Dh) -> (B, H, 1, Dh)
-
-
+@dataclass
 class KVCache:
-    """A static cache of keys and values, allocated once and written by position.
+    """One decoder layer's static cache of keys and values, allocated once and written by position.
 
-    k, v: one (B, K, S_max, Dh) tensor per layer (separate tensors, so that a compiled decode step writes its
-    slot in place instead of copying a whole (layers, ...) block). `positions` (T,) are the slots the current
-    tokens go to; the caller's boolean mask (B, 1, T, S_max) says which slots each query may read. Shapes never
-    change, so a decode step can be captured as a CUDA graph.
+    k, v: (B, K, S_max, Dh). `positions` (T,) are the slots the current tokens go to: one tensor that the caches of
+    all layers share, moved on in place. The caller's boolean mask (B, 1, T, S_max) says which slots each query may
+    read. Shapes never change, so a decode step can be captured as a CUDA graph.
     """
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
 
-    def __init__(self, layers, batch, kv_heads, max_len, head_dim, dtype, device):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.positions = None
-        self.shared = (1, 0)  # (n, T0): slots 0..T0-1 alike in each run of n rows (the sampler's copied prompts)
+    @classmethod
+    def empty(cls, shape, positions, dtype):
+        return cls(*(torch.zeros(shape, dtype=dtype, device=positions.device) for _ in "kv"), positions)
 
-    def update(self, layer, k, v):
-        self.k[layer].index_copy_(2, self.positions, k)  # (B, K, S_max, Dh) written at T slots
-        self.v[layer].index_copy_(2, self.positions, v)
-        return self.k[layer], self.v[layer]
+    def update(self, k, v):
+        self.k.index_copy_(2, self.positions, k)  # (B, K, S_max, Dh) written at T slots
+        self.v.index_copy_(2, self.positions, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, layer_idx):
+    def __init__(self, cfg):
         super().__init__()
-        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
@@ -190,23 +165,20 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, cache=None):
-        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache)
-
-    def attend(self, q, k, v, cos, sin, mask, cache=None, attention_fn=attention):
-        """The layer after its projections: q (B, T, H*Dh), k and v (B, T, K*Dh) -> (B, T, D). The sampler's
-        decode step enters here with projections of its own (fused weights) and its own attention function."""
-        B, T, _ = q.shape
-        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, Dh)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, Dh)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
+        """x (B, T, D) -> (B, T, D); with a KVCache, this layer's keys and values are written at cache.positions and
+        the attention reads the whole cache."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, Dh)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, Dh)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, Dh), (B, K, T, Dh)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S_max, Dh)
-        out = attention_fn(q, k, v, mask)  # (B, H, T, Dh)
+            k, v = cache.update(k, v)  # (B, K, S_max, Dh)
+        out = attention(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -267,7 +239,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = (SparseMoE(cfg) if cfg.is_sparse_layer(layer_idx) else
                     MLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act))
@@ -287,7 +259,8 @@ class TextModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x, position_ids, mask=None, deepstack=None, cache=None, trace=None):
-        """x: input embeddings (B, T, D); position_ids: (3, B, T). Returns the final normed hidden (B, T, D).
+        """x: input embeddings (B, T, D); position_ids: (3, B, T); cache: one KVCache per layer, or None. Returns the
+        final normed hidden (B, T, D).
 
         deepstack: (visual_mask (B, T), [features (n_visual, D), ...]) for Qwen3-VL: feature l is added to the
         output of layer l at the visual positions (transformers' `_deepstack_process`).
@@ -296,10 +269,11 @@ class TextModel(nn.Module):
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, c.mrope_interleaved,
                                  x.dtype)
         for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, layer_cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, layer_cache)
             if deepstack is not None and i < len(deepstack[1]):
                 visual_mask, features = deepstack
                 x = x.index_put((visual_mask,), x[visual_mask] + features[i].to(x.dtype))

@@ -21,7 +21,7 @@ windows of one size) the gather is a free view and no mask is needed.
 
 Shapes: N patches of all images and videos packed, C ViT width, H heads, Dh head dim, M = N / 4 merged
 tokens, S segments, L padded segment length, G position-grid side (48).
-Patch rows arrive in merge-block order (processor, facts §5.4): consecutive groups of 4 rows are the 2x2
+Patch rows arrive in merge-block order (the processor's): consecutive groups of 4 rows are the 2x2
 patches of one merged token.
 """
 
@@ -108,7 +108,7 @@ def window_index(grid_thw, window, merge):
 
 def position_grid_taps(grid_thw, side, merge):
     """Qwen3-VL's learned side x side position grid resampled to each image's (h, w) patch grid: bilinear with
-    aligned corners (align_corners=False is a known 6.6-abs-diff bug, facts §7.6), weights in float32 as
+    aligned corners (align_corners=False is off by up to 6.6 on Qwen3-VL-2B, sglang #22052), weights in float32 as
     transformers 5 keeps them. Returns table rows (N, 4) and weights (N, 4), in merge-block order."""
     rows, weights = [], []
     for t, h, w in grid_thw:

@@ -1,4 +1,4 @@
-"""kernels.decode_attention (split-KV decode attention) against a float64 reference, under TRITON_INTERPRET=1."""
+"""kernels.decode.attention (split-KV decode attention) against a float64 reference, under TRITON_INTERPRET=1."""
 import itertools
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from helpers import fresh_generator, import_interpreted
 
 # first: Triton's own helpers (tl.zeros...) must also be decorated under TRITON_INTERPRET=1 when triton is imported
-da = import_interpreted("kernels.decode_attention", "_split_kernel")
+da = import_interpreted("kernels.decode.attention", "_split_kernel")
 
 
 def reference64(q, k, v, mask):
@@ -111,7 +111,7 @@ def test_reference_twin_and_bad_shapes(triton_cpu, monkeypatch):
 
 @pytest.mark.parametrize("cfg", ["CONFIG", "INTERPRET_CONFIG"])
 def test_ranges_cover_the_slots_once(cfg):
-    """decode_attention.ranges: every slot in exactly one range, no empty range; about cfg["programs"] programs, one
+    """attention.ranges: every slot in exactly one range, no empty range; about cfg["programs"] programs, one
     range per pair once the pairs reach that; the wider blocks only while the pairs are no more than that."""
     cfg = getattr(da, cfg)
     for pairs in (1, 2, 7, cfg["programs"], cfg["programs"] + 1, 4 * cfg["programs"]):

@@ -1,15 +1,15 @@
-"""kernels.decode_rows (the small ops of a several-row decode step) against float64 references, under
-TRITON_INTERPRET=1, with the rounding points of the bf16 layer made explicit as in test_kernels_decode_layer.py."""
+"""kernels.decode.rows (the small ops of a several-row decode step) against float64 references, under
+TRITON_INTERPRET=1, with the rounding points of the bf16 layer made explicit as in test_kernels_decode_one_row.py."""
 import pytest
 import torch
 
 from helpers import compile_for_h100, fresh_generator, import_interpreted
 
-import_interpreted("kernels.decode_attention", "_split_kernel")  # first: the modules below import its functions
-import_interpreted("kernels.decode_layer", "_norm_matvec_kernel")
-dr = import_interpreted("kernels.decode_rows", "_add_norm_kernel")
+import_interpreted("kernels.decode.attention", "_split_kernel")  # first: the modules below import its functions
+import_interpreted("kernels.decode.one_row", "_norm_matvec_kernel")
+dr = import_interpreted("kernels.decode.rows", "_add_norm_kernel")
 
-from test_kernels_decode_layer import TOL, attention64, rms64, rnd, rotate64  # noqa: E402
+from test_kernels_decode_one_row import TOL, attention64, rms64, rnd, rotate64  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -103,7 +103,7 @@ def test_attend(case, qk_norm, dtype, triton_cpu):
         k_want, v_want = before[0][n].double(), before[1][n].double()
         k_want[:, slot], v_want[:, slot] = k64, v64
         want = attention64(q64, k_want.nan_to_num(), v_want.nan_to_num(), mask[n])
-        # bf16: as test_kernels_decode_layer.test_attend
+        # bf16: as test_kernels_decode_one_row.test_attend
         tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
         torch.testing.assert_close(out[n].double().view(H, Dh), want, **tol, msg=f"seed {seed}, row {n}")
         torch.testing.assert_close(k_cache[n, :, slot].double(), k64, **TOL[dtype], msg=f"seed {seed}, row {n}")
@@ -191,7 +191,7 @@ def test_twins_agree(triton_cpu, monkeypatch):
 
 
 COMPILE_FOR_H100 = """
-import kernels.decode_rows as dr
+import kernels.decode.rows as dr
 for parts in (0, 4):
     build(dr._add_norm_kernel, dict(x_ptr=bf, d_ptr="*fp32", nw_ptr=bf, out_ptr=bf, h_ptr=bf),
           dict(D="i32", numel="i32", eps="fp32"), dict(BLOCK=2048, PARTS=parts))
@@ -202,7 +202,7 @@ for qk_norm, ns in ((False, 3), (True, 1)):
           dict(H=16, K=2, G=8, GP=16, DH=128, BS=32, PER_SPLIT=9, NS=ns, QK_NORM=qk_norm, F32=False, STAGES=3,
                SCAN=1024))
 build(dr._sample_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
-      out_ptr="*fp32", f_ptr="*fp32", at_ptr="*i32"), dict(V="i32", NB="i32", temperature="fp32"),
+      f_ptr="*fp32", at_ptr="*i32"), dict(V="i32", NB="i32", temperature="fp32"),
       dict(BLOCK=4096, NBP=8, GREEDY=False))
 build(dr._sample_record_kernel, dict(f_ptr="*fp32", at_ptr="*i32", logits_ptr=bf, eos_ptr="*i64", token_ptr="*i64",
       step_ptr="*i64", done_ptr="*i1", lengths_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32"),
@@ -232,9 +232,9 @@ def rows_state(N, L, step, done):
 @pytest.mark.parametrize("V", [300, 64, 50])  # several chunks of the interpreter's 64 ids and a partial one; one; less
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
 def test_sample_record(temperature, V, dtype, triton_cpu):
-    """Against sampler.record written out in float64: the token is the first maximum of logits / temperature + the
-    sampler's Gumbel noise (greedy: of the logits) outside the banned ids, its log-prob the log-softmax there; rows
-    already done only pad; an eos ends a row."""
+    """Against the sampler's sample written out in float64: the token is the first maximum of logits / temperature +
+    the sampler's Gumbel noise (greedy: of the logits) outside the banned ids, its log-prob the log-softmax there;
+    rows already done only pad; an eos ends a row."""
     from minivl.sampler import gumbel_noise
 
     gen, seed_ = fresh_generator()
@@ -253,10 +253,9 @@ def test_sample_record(temperature, V, dtype, triton_cpu):
     want = (x + noise if temperature > 0 else x).argmax(-1)
     eos = torch.tensor([int(want[4]), 999])  # row 4 draws an eos
     want_lp = x.log_softmax(-1).gather(1, want[:, None])[:, 0]
-    state, out = rows_state(N, L, step, done), torch.zeros(N, V)
-    dr.sample_record(logits, temperature, banned, eos, 0, seed, **state, logits_out=out)
+    state = rows_state(N, L, step, done)
+    dr.sample_record(logits, temperature, banned, eos, 0, seed, **state)
     msg = f"seed {seed_}"
-    assert torch.equal(out, logits.float()), msg
     active = ~done
     assert state["tokens"][:, step].tolist() == torch.where(active, want, 0).tolist(), msg
     assert torch.equal(state["token"], torch.where(active, want, 0)), msg
@@ -269,18 +268,22 @@ def test_sample_record(temperature, V, dtype, triton_cpu):
     assert int(state["step"]) == step + 1 and int(state["positions"]) == 41
 
 
-def test_sample_record_twin_agrees(triton_cpu, monkeypatch):
-    """The kernels and sampler.record (the twin the CPU path and the compiled tail run) draw the same tokens."""
+def test_sample_record_twin_agrees(triton_cpu):
+    """The kernels and the sampler's sample (their twin: what the reference step and the CPU run) draw the same
+    tokens and write the same state."""
+    from types import SimpleNamespace
+
+    from minivl.sampler import Sampling, sample
+
     gen, seed_ = fresh_generator()
     N, V = 6, 500
     logits, banned, eos = torch.randn(N, V, generator=gen), torch.tensor([4, 7]), torch.tensor([1])
     done = torch.zeros(N, dtype=torch.bool)
-    results = []
-    for mode in ("triton", "reference"):
-        monkeypatch.setenv("MINIVL_KERNELS", mode)
-        state, out = rows_state(N, 3, 1, done), torch.zeros(N, V)
-        dr.sample_record(logits, 0.8, banned, eos, 0, torch.tensor(seed_), **state, logits_out=out)
-        results.append((state, out))
-    (a, a_out), (b, b_out) = results
-    assert torch.equal(a_out, b_out) and torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+    a = rows_state(N, 3, 1, done)
+    dr.sample_record(logits, 0.8, banned, eos, 0, torch.tensor(seed_), **a)
+    b = rows_state(N, 3, 1, done)
+    state = SimpleNamespace(banned=banned, eos=eos, pad_id=0, seed=torch.tensor(seed_), slot=b["positions"], **{
+        k: v for k, v in b.items() if k != "positions"})
+    sample(state, logits, Sampling(0.8))
+    assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
     assert all(torch.equal(a[k], b[k]) for k in a if k != "logprobs"), f"seed {seed_}"

@@ -11,7 +11,6 @@ reference of the resampling written out below.
 import functools
 import io
 import json
-import os
 
 import numpy as np
 import pytest

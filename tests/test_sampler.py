@@ -1,10 +1,11 @@
-"""The KV-cache sampler (minivl/sampler.py) on tiny transformers checkpoints, float32, on the CPU.
+"""The KV-cache sampler (minivl/sampler.py) and its fast backends (kernels/decode/) on tiny transformers checkpoints,
+float32, on the CPU (the backends' Triton kernels through Triton's interpreter).
 
 Greedy answers equal transformers' `generate`; the logits of every cached decode step equal a full forward over
-the whole sequence; the returned log-probs are those of the support distribution the tokens were drawn from;
-n answers per prompt share one vision pass; top-k, top-p, eos, seeds and banned vision tokens behave. The first
-two hold for every build of the decode step (sampler.DecodeOptions); fused weights skip LoRA layers and follow
-weight updates between calls.
+the whole sequence; every backend's logits and tokens equal the reference step's; the returned log-probs are those of
+the support distribution the tokens were drawn from; n answers per prompt share one vision pass; top-k, top-p, eos,
+seeds and banned vision tokens behave. The backends read weights made for each call (weight updates between calls
+followed), fold LoRA adapters into them, and hand the layers they cannot take to the reference step.
 Prompts are built by hand (vision blocks of the right length between random text), left-padded.
 """
 
@@ -18,27 +19,44 @@ import minivl
 from helpers import IDS, import_interpreted, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text, vision_block
 from minivl import sampler
 
-import_interpreted("kernels.decode_attention", "_split_kernel")  # before anything imports triton (helpers.py)
-import_interpreted("kernels.decode_layer", "_norm_matvec_kernel")
-import_interpreted("kernels.decode_rows", "_add_norm_kernel")
+import_interpreted("kernels.decode.attention", "_split_kernel")  # before anything imports triton (helpers.py)
+import_interpreted("kernels.decode.one_row", "_norm_matvec_kernel")
+import_interpreted("kernels.decode.rows", "_add_norm_kernel")
 import_interpreted("kernels.lora", "_lora_fwd_kernel")  # the LoRA layers of a test run through it too
+import kernels.decode  # noqa: E402
+import kernels.decode.one_row  # noqa: E402
+import kernels.decode.rows  # noqa: E402
+
 BANNED = [IDS["vision_start_token_id"], IDS["vision_end_token_id"], IDS["image_token_id"], IDS["video_token_id"]]
 TOL = 1e-4
-FUSE = ("qkv", "gate_up")
-DECODE = {"sdpa": sampler.DecodeOptions(attention="sdpa", fuse=(), coordinate_descent=False, layer="compiled"),
-          "math": sampler.DecodeOptions(attention="math", fuse=(), coordinate_descent=False, layer="compiled"),
-          "fused": sampler.DecodeOptions(attention="sdpa", fuse=FUSE, coordinate_descent=False, layer="compiled"),
-          "all": sampler.DecodeOptions(attention="math", fuse=FUSE, coordinate_descent=True, layer="compiled"),
-          "triton": sampler.DecodeOptions(attention="triton", fuse=FUSE, coordinate_descent=False, layer="compiled"),
-          "rows": sampler.DecodeOptions(coordinate_descent=False, layer="kernels")}  # q/k/v fused whatever `fuse` says
+DECODE = ["reference", "kernels"]  # the reference step; "auto" with the Triton backends (one_row or rows by rows)
 
 
 def use_decode(name, monkeypatch):
-    """DECODE[name]; the split-KV attention kernel and the row kernels run on the CPU through Triton's interpreter."""
-    if DECODE[name].attention == "triton" or DECODE[name].layer == "kernels":
+    """generate's decode= for DECODE's `name`; the backends run on the CPU through Triton's interpreter."""
+    if name == "kernels":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setenv("MINIVL_KERNELS", "triton")
-    return DECODE[name]
+        return "auto"
+    return name
+
+
+def make_step(model, state, sampling, decode):
+    """The step generate would run (without a CUDA graph) as a function of no argument."""
+    step = sampler.backend_step(decode, model, state, sampling, sampler.PARTS) or (
+        lambda s: sampler.decode_step(model, s, sampling))
+    return lambda: step(state)
+
+
+def run_steps(model, batch, n, steps, sampling, decode, seed):
+    """Prefill and steps - 1 decode steps through `decode` -> (every step's logits (N, steps, V), the state)."""
+    logits = []
+    with torch.no_grad():
+        state = sampler.prefill(model, batch, n, steps, sampling, eos=[], pad_id=0, seed=seed, on_logits=logits.append)
+        step = make_step(model, state, sampling, decode)
+        for _ in range(steps - 1):
+            step()
+    return torch.stack(logits, dim=1), state
 
 
 def make_batch(family, repeat=1):
@@ -89,19 +107,31 @@ def test_greedy_equals_transformers(pair, decode, monkeypatch):
 
 @pytest.mark.parametrize("decode", DECODE)
 def test_cached_logits_equal_full_forward(pair, decode, monkeypatch):
-    # sampled answers, two per prompt: every step's logits against one forward over the whole sequence
+    # sampled answers, two per prompt: every step's logits (the debug hook) against one forward over the sequence
     family, hf, ours = pair
     batch, n, steps = make_batch(family), 2, 7
     s = sampler.Sampling(temperature=0.9, top_k=40, top_p=0.95)
-    with torch.no_grad():
-        state = sampler.prefill(ours, batch, n, steps, s, eos=[], pad_id=0, seed=5,
-                                decode=use_decode(decode, monkeypatch))
-        logits = [state.logits.clone()]
-        for _ in range(steps - 1):
-            sampler.decode_step(ours, state, s)
-            logits.append(state.logits.clone())
+    logits, state = run_steps(ours, batch, n, steps, s, use_decode(decode, monkeypatch), seed=5)
     ref = full_logits(ours, dict(batch, family=family), state.tokens, n)
-    assert (torch.stack(logits, dim=1) - ref).abs().max() <= TOL
+    assert logits.shape[1] == steps and (logits - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("backend,n", [("one_row", 1), ("rows", 2)])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_every_backend_equals_the_reference_step(pair, backend, n, temperature, monkeypatch):
+    """From the same prefill, each step of a backend gives the reference step's logits and tokens (each backend with
+    the tail it runs by itself: greedy or temperature, no top-k / top-p)."""
+    family, hf, ours = pair
+    batch = make_batch(family) if n > 1 else {k: v[-1:] for k, v in make_batch(family).items()
+                                              if k in ("input_ids", "attention_mask")}  # the text-only prompt
+    use_decode("kernels", monkeypatch)
+    s, steps = sampler.Sampling(temperature), 6
+    (ref, ref_state), (got, got_state) = (run_steps(ours, batch, n, steps, s, decode, seed=4)
+                                          for decode in ("reference", backend))
+    assert (got - ref).abs().max() <= TOL
+    assert torch.equal(got_state.tokens, ref_state.tokens) and torch.equal(got_state.lengths, ref_state.lengths)
+    assert (got_state.logprobs - ref_state.logprobs).abs().max() <= TOL
+    assert int(got_state.slot) == int(ref_state.slot) == batch["input_ids"].shape[1] + steps - 1
 
 
 def reference_logprob(logits, token, temperature, top_k, top_p):
@@ -153,67 +183,95 @@ def test_return_sequences_share_one_vision_pass(pair, monkeypatch):
     assert len({tuple(t) for t in sampled.tokens[:4].tolist()}) > 1
 
 
-def test_fused_weights_skip_lora_and_follow_updates(pair):
+def test_backend_weights_follow_updates_and_fold_lora(pair, monkeypatch):
+    """The backends read weights made at every call from the live parameters (a trainer changes them between calls),
+    q/k/v stacked, gate and up where they are; a LoRA layer's adapter folded in (W + scale B A), so that the kernels
+    take it too and give the reference step's tokens."""
     from minivl import lora
 
     family, hf, ours = pair
-    model, batch, fused = copy.deepcopy(ours), make_batch(family), DECODE["fused"]  # a copy: this test changes it
+    model, batch = copy.deepcopy(ours), make_batch(family)  # a copy: this test changes it
+    kernels_decode = use_decode("kernels", monkeypatch)
 
-    def greedy(decode=None):
+    def greedy(decode="reference"):
         return minivl.generate(model, batch, max_new_tokens=8, temperature=0.0, decode=decode).tokens
 
-    state = sampler.prefill(model, batch, 1, 2, sampler.Sampling(0.0), [], 0, 0, decode=fused)
-    assert all(f.qkv is not None and (f.gate_up is None) == (family == "qwen3_vl_moe") for f in state.fused)
-    assert (state.fused[0].qkv_bias is None) == family.startswith("qwen3")
+    layers = model.model.language_model.layers
+    weights = [kernels.decode.layer_weights(layer) for layer in layers]
+    assert all((w is None) == (family == "qwen3_vl_moe") for w in weights)  # MoE layers: the reference's
+    if family != "qwen3_vl_moe":
+        attn, mlp = layers[0].self_attn, layers[0].mlp
+        assert torch.equal(weights[0].qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        assert (weights[0].qkv_bias is None) == family.startswith("qwen3")
+        assert weights[0].gate is mlp.gate_proj.weight and weights[0].down is mlp.down_proj.weight  # no copies
     with torch.no_grad():
-        model.model.language_model.layers[0].self_attn.q_proj.weight.mul_(1.5)  # a trainer's update between calls
+        layers[0].self_attn.q_proj.weight.mul_(1.5)  # a trainer's update between calls
     before = greedy()
-    assert torch.equal(greedy(fused), before)
+    assert torch.equal(greedy(kernels_decode), before)
     torch.manual_seed(0)
     names = [n for n in lora.select_linear(model) if ".layers.0." in n]
     lora.inject(model, names, r=4, alpha=8, init_weights=False)  # B random too: the adapter changes the answers
-    state = sampler.prefill(model, batch, 1, 2, sampler.Sampling(0.0), [], 0, 0, decode=fused)
-    assert all(t is None for t in state.fused[0]) and state.fused[1].qkv is not None  # layer 0 has LoRA
+    if family != "qwen3_vl_moe":
+        folded = kernels.decode.layer_weights(layers[0])
+        attn = layers[0].self_attn
+        want = attn.q_proj.weight + attn.q_proj.scale * attn.q_proj.lora_B.weight @ attn.q_proj.lora_A.weight
+        assert torch.allclose(folded.qkv[: want.shape[0]], want, atol=1e-6)
+        assert not torch.equal(want, attn.q_proj.weight)
     adapted = greedy()
-    assert not torch.equal(adapted, before) and torch.equal(greedy(fused), adapted)
+    assert not torch.equal(adapted, before) and torch.equal(greedy(kernels_decode), adapted)
 
 
-def lora_layer_falls_back(ours, batch, layer, decode, **kw):
-    """Generate with a LoRA adapter on decoder layer `layer` of a copy of the model, through `decode` (whose kernel
-    layers cannot take that layer): the tokens equal the compiled SDPA layer's."""
-    from minivl import lora
+class Unknown(torch.nn.Module):
+    """A projection the backends do not know (neither nn.Linear nor LoRA): its layer goes to the reference step."""
 
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.bias = base, base.bias
+
+    def forward(self, x):
+        return self.base(x)
+
+
+def layer_falls_back(ours, batch, layer, decode, **kw):
+    """Generate through `decode` with decoder layer `layer` of a copy of the model holding a projection the kernels
+    cannot take: the tokens equal the reference step's."""
     model = copy.deepcopy(ours)
-    torch.manual_seed(0)
-    lora.inject(model, [n for n in lora.select_linear(model) if f".layers.{layer}." in n], r=4, alpha=8,
-                init_weights=False)
-    adapted = minivl.generate(model, batch, decode=decode, **kw)
-    assert torch.equal(adapted.tokens, minivl.generate(model, batch, decode=DECODE["sdpa"], **kw).tokens)
+    attn = model.model.language_model.layers[layer].self_attn
+    attn.o_proj = Unknown(attn.o_proj)
+    assert kernels.decode.layer_weights(model.model.language_model.layers[layer]) is None
+    out = minivl.generate(model, batch, decode=decode, **kw)
+    assert torch.equal(out.tokens, minivl.generate(model, batch, decode="reference", **kw).tokens)
 
 
-def test_kernel_layers_on_one_row(pair, monkeypatch):
-    """DecodeOptions(layer="kernels"): a one-row step runs each plain layer as kernels/decode_layer.py's kernels
-    (Triton's interpreter here). Greedy tokens equal transformers', every step's logits equal a full forward, a
-    layer with a LoRA adapter falls back to the compiled layer function."""
+def count_calls(monkeypatch, module, name, calls, key=None):
+    """Record a call of module.name in `calls` (as `key`, default 1) each time it runs."""
+    fn = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(key or 1) or fn(*a, **k))
+
+
+def test_one_row_backend(pair, monkeypatch):
+    """A one-row step on the one_row backend: each plain layer as one_row.py's kernels (Triton's interpreter here), the
+    step's inputs, the final norm + lm_head and the greedy tail too. Greedy tokens equal transformers', every step's
+    logits equal a full forward, a layer the kernels cannot take falls back to the reference layer."""
     family, hf, ours = pair
     image = (1, 8, 8)
     ids, mask = left_pad([text(4, 1) + vision_block(image) + text(6, 2)])
     pv, thw = pixels(family, [image])
     batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw)
-    decode = sampler.DecodeOptions(fuse=(), coordinate_descent=False, layer="kernels")  # q/k/v fused all the same
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("MINIVL_KERNELS", "triton")
+    decode = use_decode("kernels", monkeypatch)
     calls, heads, ends = [], [], []
-    run, head = sampler.run_layer_kernels, sampler.head_logits_kernel
-    begin, tail = sampler.step_inputs_kernel, sampler.greedy_record_kernel
-    monkeypatch.setattr(sampler, "run_layer_kernels", lambda *a: calls.append(1) or run(*a))
-    monkeypatch.setattr(sampler, "head_logits_kernel", lambda *a: heads.append(1) or head(*a))
-    monkeypatch.setattr(sampler, "step_inputs_kernel", lambda *a: ends.append("inputs") or begin(*a))
-    monkeypatch.setattr(sampler, "greedy_record_kernel", lambda *a: ends.append("greedy") or tail(*a))
+    one_row = kernels.decode.one_row
+    count_calls(monkeypatch, one_row, "attend", calls)  # one a layer
+    norm_matvec = one_row.norm_matvec
+    head = ours.lm_head.weight
+    monkeypatch.setattr(one_row, "norm_matvec", lambda x, nw, eps, w, *a, **k: (
+        heads.append(1) if w is head else None) or norm_matvec(x, nw, eps, w, *a, **k))
+    count_calls(monkeypatch, one_row, "step_inputs", ends, "inputs")
+    count_calls(monkeypatch, one_row, "greedy_record", ends, "greedy")
     steps, layers = 10, len(ours.model.language_model.layers)
     out = minivl.generate(ours, batch, max_new_tokens=steps, temperature=0.0, decode=decode)
     assert torch.equal(out.tokens, hf_generate(hf, batch, steps))
-    assert len(calls) == (0 if family == "qwen3_vl_moe" else layers * (steps - 1))  # MoE layers: compiled path
+    assert len(calls) == (0 if family == "qwen3_vl_moe" else layers * (steps - 1))  # MoE layers: the reference's
     assert len(heads) == steps - 1  # the final norm + lm_head through the kernel at every decode step
     assert ends == ["inputs", "greedy"] * (steps - 1)  # and the step's inputs and greedy tail
     with torch.no_grad():
@@ -228,74 +286,70 @@ def test_kernel_layers_on_one_row(pair, monkeypatch):
     assert ended.tokens[0].tolist() == out.tokens[0, : first + 1].tolist() and int(ended.lengths[0]) == first + 1
     assert not ended.truncated[0]
 
-    s = sampler.Sampling(temperature=0.9)
+    logits, state = run_steps(ours, batch, 1, steps, sampler.Sampling(temperature=0.9), decode, seed=2)
     with torch.no_grad():
-        state = sampler.prefill(ours, batch, 1, steps, s, eos=[], pad_id=0, seed=2, decode=decode)
-        logits = [state.logits.clone()]
-        for _ in range(steps - 1):
-            sampler.decode_step(ours, state, s)
-            logits.append(state.logits.clone())
         full = ours(torch.cat([ids, state.tokens], 1), attention_mask=torch.cat(
             [mask, torch.ones_like(state.tokens)], 1), pixel_values=pv, image_grid_thw=thw)
-    assert (torch.stack(logits, 1) - full[:, ids.shape[1] - 1 : -1].float()).abs().max() <= TOL
+    assert (logits - full[:, ids.shape[1] - 1 : -1].float()).abs().max() <= TOL
 
     if family != "qwen3_vl_moe":
         calls.clear()
-        lora_layer_falls_back(ours, batch, 0, decode, max_new_tokens=steps, temperature=0.0)
-        assert len(calls) == (layers - 1) * (steps - 1)  # layer 0 has LoRA
+        layer_falls_back(ours, batch, 0, decode, max_new_tokens=steps, temperature=0.0)
+        assert len(calls) == (layers - 1) * (steps - 1)  # layer 0 runs the reference layer
 
 
-def test_row_kernels_on_several_rows(pair, monkeypatch):
-    """DecodeOptions(layer="kernels") with several rows: each plain layer runs as run_layer_rows (cuBLAS's q/k/v product
-    and kernels/decode_rows.py's launches; Triton's interpreter here). Sampled tokens and log-probs equal the compiled
-    layer's, and a layer with a LoRA adapter falls back to the compiled layer function."""
+def test_rows_backend(pair, monkeypatch):
+    """Several rows on the rows backend: each plain layer as cuBLAS's q/k/v product and rows.py's launches
+    (Triton's interpreter here). Sampled tokens and log-probs equal the reference step's, and a layer the kernels
+    cannot take falls back to the reference layer."""
     family, hf, ours = pair
     batch, n, steps, layers = make_batch(family), 2, 6, len(ours.model.language_model.layers)
-    decode = use_decode("rows", monkeypatch)
+    decode = use_decode("kernels", monkeypatch)
     calls, tails = [], []
-    run, tail = sampler.run_layer_rows, sampler.sample_record_kernel
-    monkeypatch.setattr(sampler, "run_layer_rows", lambda *a: calls.append(1) or run(*a))
-    monkeypatch.setattr(sampler, "sample_record_kernel", lambda *a: tails.append(1) or tail(*a))
+    count_calls(monkeypatch, kernels.decode.rows, "attend", calls)  # one a layer
+    count_calls(monkeypatch, kernels.decode.rows, "sample_record", tails)
     kw = dict(max_new_tokens=steps, temperature=0.9, num_return_sequences=n, seed=3)
-    for top_k, kernel_tails in ((50, 0), (0, steps - 1)):  # top-k: the compiled tail; else the sampling kernels
+    for top_k, kernel_tails in ((50, 0), (0, steps - 1)):  # top-k: the reference tail; else the sampling kernels
         tails.clear()
         out = minivl.generate(ours, batch, decode=decode, top_k=top_k, **kw)
-        ref = minivl.generate(ours, batch, decode=DECODE["fused"], top_k=top_k, **kw)
+        ref = minivl.generate(ours, batch, decode="reference", top_k=top_k, **kw)
         assert torch.equal(out.tokens, ref.tokens) and (out.logprobs - ref.logprobs).abs().max() <= TOL
-        assert len(tails) == (0 if family == "qwen3_vl_moe" else kernel_tails)
-    assert len(calls) == (0 if family == "qwen3_vl_moe" else 2 * layers * (steps - 1))  # MoE layers: compiled path
-    with torch.no_grad():  # the row kernels read gate and up where they are: no fused copy of them for the call
-        state = sampler.prefill(ours, batch, n, steps, sampler.Sampling(0.9), [], 0, 3, decode=decode)
-    assert all(f.gate_up is None and f.qkv is not None for f in state.fused)
-    eos = int(out.tokens[0, 2])  # rows that draw it end there, and pad after, as in the compiled tail
+        assert len(tails) == kernel_tails  # MoE too: the sampling kernels take any logits
+    assert len(calls) == (0 if family == "qwen3_vl_moe" else 2 * layers * (steps - 1))  # MoE layers: the reference
+    eos = int(out.tokens[0, 2])  # rows that draw it end there, and pad after, as in the reference tail
     ended = minivl.generate(ours, batch, decode=decode, eos_token_id=eos, **kw)
-    ref = minivl.generate(ours, batch, decode=DECODE["fused"], eos_token_id=eos, **kw)
+    ref = minivl.generate(ours, batch, decode="reference", eos_token_id=eos, **kw)
     assert torch.equal(ended.tokens, ref.tokens) and torch.equal(ended.lengths, ref.lengths)
     assert torch.equal(ended.truncated, ref.truncated) and int(ended.lengths[0]) <= 3 and not ended.truncated[0]
     if family != "qwen3_vl_moe":
         calls.clear()
-        lora_layer_falls_back(ours, batch, 1, decode, **kw)
-        assert len(calls) == (layers - 1) * (steps - 1)  # layer 1 has LoRA: the one before hands it x + delta
+        layer_falls_back(ours, batch, 1, decode, **kw)
+        assert len(calls) == (layers - 1) * (steps - 1)  # layer 1 falls back: the one before hands it x + delta
 
 
-def test_decode_options_are_checked():
-    with pytest.raises(ValueError):
-        sampler.DecodeOptions(attention="flash")
-    with pytest.raises(ValueError):
-        sampler.DecodeOptions(fuse=("qkv", "o"))
-    with pytest.raises(ValueError):
-        sampler.DecodeOptions(layer="eager")
-    # "auto" (the default) writes attention out for a single row only: at 64 rows SDPA was 1.9x faster; several
-    # rows on CUDA take the split-KV kernel, which skips the cache's unwritten slots
+def test_decode_choices_are_checked(monkeypatch):
+    """decode="reference", or "auto" off CUDA, runs the reference step; "auto" with the kernels
+    takes the one_row backend for one row and rows for several; an unknown name, or one_row for several rows, is an
+    error naming it."""
     from types import SimpleNamespace
 
-    from kernels.decode_attention import decode_attention as split_kv
-    auto = sampler.DecodeOptions()
-    one, two = torch.zeros(1, dtype=torch.long), torch.zeros(2, dtype=torch.long)
-    assert auto.attention_fn(one) is sampler.decode_attention and auto.attention_fn(two) is sampler.attention
-    cuda_rows, cuda_row = SimpleNamespace(shape=(64,), is_cuda=True), SimpleNamespace(shape=(1,), is_cuda=True)
-    assert auto.attention_fn(cuda_rows) is split_kv and auto.attention_fn(cuda_row) is sampler.decode_attention
-    assert sampler.DecodeOptions(attention="sdpa").attention_fn(cuda_rows) is sampler.attention
+    monkeypatch.delenv("MINIVL_KERNELS", raising=False)
+    cpu = SimpleNamespace(token=torch.zeros(3, dtype=torch.long))
+    assert sampler.backend_step("reference", None, cpu, None, None) is None
+    assert sampler.backend_step("auto", None, cpu, None, None) is None
+    with pytest.raises(RuntimeError, match="one_row"):
+        sampler.backend_step("one_row", None, cpu, None, None)  # asked for, cannot run here
+    with pytest.raises(ValueError, match="flash"):
+        sampler.backend_step("flash", None, cpu, None, None)
+    use_decode("kernels", monkeypatch)
+    model = SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(layers=[], embed_tokens=None)),
+                            lm_head=None)
+    s = sampler.Sampling()
+    assert "rows_step" in sampler.backend_step("auto", model, cpu, s, None).__qualname__
+    one = SimpleNamespace(token=torch.zeros(1, dtype=torch.long))
+    assert "one_row_step" in sampler.backend_step("auto", model, one, s, None).__qualname__
+    with pytest.raises(ValueError, match="one_row"):
+        sampler.backend_step("one_row", model, cpu, s, None)
 
 
 def test_top_k_one_is_greedy(pair):
@@ -411,28 +465,30 @@ class FavourVisionTokens(torch.nn.Module):
         return logits
 
 
-def test_vision_tokens_are_never_sampled(pair, monkeypatch):
+@pytest.mark.parametrize("decode", DECODE)  # the backends with an lm_head they do not know: the reference's head
+def test_vision_tokens_are_never_sampled(pair, decode, monkeypatch):
     family, hf, ours = pair
     assert sampler.vision_token_ids(ours.cfg) == sorted(set(BANNED + [IDS["vision_end_token_id"] + 1]))
     monkeypatch.setattr(ours, "lm_head", FavourVisionTokens(ours.lm_head))
+    decode = use_decode(decode, monkeypatch)
     for t in (0.0, 1.0):
-        out = minivl.generate(ours, make_batch(family), max_new_tokens=6, temperature=t, seed=0)
+        out = minivl.generate(ours, make_batch(family), max_new_tokens=6, temperature=t, seed=0, decode=decode)
         assert not torch.isin(out.tokens, torch.tensor(BANNED)).any()
         assert torch.isfinite(out.logprobs).all()
 
 
 @pytest.mark.skipif(not os.environ.get("MINIVL_TEST_COMPILE"), reason="torch.compile on a CPU takes minutes; "
                     "set MINIVL_TEST_COMPILE=1")
-@pytest.mark.parametrize("decode", [k for k in DECODE if k != "triton"])  # (the GPU benchmark checks that one)
-def test_compiled_step_equals_eager(tmp_path, decode):
+def test_compiled_step_equals_eager(tmp_path):
     save_hf("qwen2_vl", tmp_path)
     model = minivl.load(tmp_path)
     batch, s = make_batch("qwen2_vl"), sampler.Sampling(0.8, 20, 0.9)
     torch._dynamo.reset()
+    sampler.compiled_parts.cache_clear()
     states = []
-    for parts in (sampler.PARTS, sampler.compiled_parts(DECODE[decode])):
+    for parts in (sampler.PARTS, sampler.compiled_parts()):
         with torch.no_grad():
-            state = sampler.prefill(model, batch, 2, 6, s, [], 0, 3, decode=DECODE[decode])
+            state = sampler.prefill(model, batch, 2, 6, s, [], 0, 3)
             for _ in range(5):
                 sampler.decode_step(model, state, s, parts)
         states.append(state)

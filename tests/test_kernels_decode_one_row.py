@@ -1,6 +1,6 @@
-"""kernels.decode_layer (the one-row decode layer's kernels) against float64 references, under TRITON_INTERPRET=1.
+"""kernels.decode.one_row (the one-row decode step's kernels) against float64 references, under TRITON_INTERPRET=1.
 
-The references here are written independently of kernels/decode_layer.py's PyTorch twins, in float64 with the
+The references here are written independently of kernels/decode/one_row.py's PyTorch twins, in float64 with the
 rounding points of the bf16 layer made explicit (`rnd`), so a kernel that skips a rounding, a bias, the norm
 weight, the SiLU or a residual fails.
 """
@@ -9,7 +9,8 @@ import torch
 
 from helpers import compile_for_h100, fresh_generator, import_interpreted
 
-dl = import_interpreted("kernels.decode_layer", "_norm_matvec_kernel")  # first (see helpers.import_interpreted)
+import_interpreted("kernels.decode.attention", "_split_kernel")  # first: one_row imports its functions
+dl = import_interpreted("kernels.decode.one_row", "_norm_matvec_kernel")  # first (see helpers.import_interpreted)
 
 
 def rnd(t, dtype):
@@ -183,10 +184,8 @@ def test_greedy_record(case, V, dtype, triton_cpu):
     other = (best + 1) % V  # an eos id that is not the token
     eos = torch.tensor([other, best]) if case == "eos" else torch.tensor([other])
     state = greedy_state(L=6, step=2, done=case == "done")
-    logits_out = torch.zeros(1, V)
-    dl.greedy_record(logits, banned, eos, 0, **state, logits_out=logits_out)
+    dl.greedy_record(logits, banned, eos, 0, **state)
 
-    assert torch.equal(logits_out, logits.float()), f"seed {seed}"
     if case == "done":  # a finished row writes padding, log-prob 0, and stays finished
         token, logprob, length, done = 0, 0.0, 2, True
     else:
@@ -228,18 +227,18 @@ def test_twins_agree(triton_cpu, monkeypatch):
     got = [dl.norm_matvec(x, nw, 1e-6, w, b), dl.norm_matvec(x, nw, 1e-6, w, up_weight=u),
            dl.matvec_residual(x, w, r)]
     logits, banned, eos = torch.randn(1, 200, generator=gen), torch.tensor([4, 7]), torch.tensor([1])
-    tails = [(greedy_state(L=5, step=1, done=done), torch.zeros(1, 200)) for done in (False, True)]
-    for (state, logits_out), done in zip(tails, (False, True)):
-        dl.greedy_record(logits, banned, eos, 0, **state, logits_out=logits_out)
+    tails = [greedy_state(L=5, step=1, done=done) for done in (False, True)]
+    for state in tails:
+        dl.greedy_record(logits, banned, eos, 0, **state)
     monkeypatch.setenv("MINIVL_KERNELS", "reference")
     want = [dl.norm_matvec(x, nw, 1e-6, w, b), dl.norm_matvec(x, nw, 1e-6, w, up_weight=u),
             dl.matvec_residual(x, w, r)]
     for g, t in zip(got, want):
         torch.testing.assert_close(g, t, atol=1e-4, rtol=1e-5, msg=f"seed {seed}")
-    for (state, logits_out), done in zip(tails, (False, True)):
-        ref, ref_out = greedy_state(L=5, step=1, done=done), torch.zeros(1, 200)
-        dl.greedy_record(logits, banned, eos, 0, **ref, logits_out=ref_out)
-        assert torch.equal(ref_out, logits_out) and torch.allclose(ref["logprobs"], state["logprobs"], atol=1e-6)
+    for state, done in zip(tails, (False, True)):
+        ref = greedy_state(L=5, step=1, done=done)
+        dl.greedy_record(logits, banned, eos, 0, **ref)
+        assert torch.allclose(ref["logprobs"], state["logprobs"], atol=1e-6)
         assert all(torch.equal(ref[k], state[k]) for k in ref if k != "logprobs"), f"seed {seed}, done {done}"
     table = torch.randn(20, 16, generator=gen)
     args = (torch.tensor([3]), torch.randn(10, 8, generator=gen), torch.tensor([6]), table, -table,
@@ -251,7 +250,7 @@ def test_twins_agree(triton_cpu, monkeypatch):
 
 
 COMPILE_FOR_H100 = """
-import kernels.decode_layer as dl
+import kernels.decode.one_row as dl
 for gated in (False, True):
     build(dl._norm_matvec_kernel, {n: bf for n in ("x_ptr", "nw_ptr", "w_ptr", "u_ptr", "b_ptr", "y_ptr")},
           dict(O="i32", D="i32", eps="fp32"),
@@ -266,12 +265,12 @@ for qk_norm in (False, True):
 build(dl._step_inputs_kernel, dict(token_ptr="*i64", embed_ptr=bf, slot_ptr="*i64", cos_t_ptr=bf, sin_t_ptr=bf,
       valid_ptr="*i1", x_ptr=bf, cos_ptr=bf, sin_ptr=bf, mask_ptr="*i1"), dict(D="i32", S="i32"),
       dict(BLOCK=1024, DH=128))
-build(dl._greedy_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", out_ptr="*fp32", max_ptr="*fp32",
-      at_ptr="*i32"), dict(V="i32", NB="i32"), dict(BLOCK=1024, NBP=8, PDL=True))
+build(dl._greedy_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", max_ptr="*fp32", at_ptr="*i32"),
+      dict(V="i32", NB="i32"), dict(BLOCK=1024, NBP=8, PDL=True))
 build(dl._greedy_record_kernel, dict(max_ptr="*fp32", at_ptr="*i32", eos_ptr="*i64", token_ptr="*i64",
       step_ptr="*i64", done_ptr="*i1", lengths_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32",
       positions_ptr="*i64"), dict(C="i32", NE="i32", pad_id="i32"), dict(CP=256, NEP=2, PDL=True))
-import kernels.decode_attention as da
+import kernels.decode.attention as da
 build(da._merge_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr=bf), {},
       dict(H=16, G=8, DH=128, NS=9, NSP=16, PDL=True))
 for skip, stages, ns in ((True, 1, 9), (False, 3, 9), (True, 1, 1), (False, 3, 1)):
@@ -283,6 +282,6 @@ for skip, stages, ns in ((True, 1, 9), (False, 3, 9), (True, 1, 1), (False, 3, 1
 
 def test_kernels_compile_for_an_h100():
     """The interpreter runs what the GPU compiler rejects (a variable that changes dtype inside an `if` did, once):
-    compile every decode kernel (these and decode_attention's split kernel, whose range loop they share) for sm_90
+    compile every decode kernel (these and attention.py's split kernel, whose range loop they share) for sm_90
     with bf16 arguments, the sampler's case, without a GPU."""
     compile_for_h100(COMPILE_FOR_H100)

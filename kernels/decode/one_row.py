@@ -1,5 +1,6 @@
-"""One decoder layer of a one-row decode step in six Triton launches, for the sampler (minivl/sampler.py); and the
-step's two ends: its inputs (`step_inputs`, one launch) and, when greedy, its tail (`greedy_record`, two).
+"""The one-row decode step's kernels (the one_row backend of kernels/decode/__init__.py): a decoder layer in six
+Triton launches, and the step's two ends: its inputs (`step_inputs`, one launch) and, when greedy, its tail
+(`greedy_record`, two).
 
     qkv = norm_matvec(x, input_norm_weight, eps, qkv_weight, qkv_bias)          # rms-norm + q/k/v + bias
     a = attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)  # rotary, cache write, split-KV
@@ -9,19 +10,17 @@ step's two ends: its inputs (`step_inputs`, one launch) and, when greedy, its ta
     x = matvec_residual(act, down_weight, x)                                      # down-proj + residual
 
 Why: at one row a decode step is matrix-vector products. Their bytes are the weights (154 MB per layer at
-Qwen2.5-VL-3B: 51 us at 3 TB/s) and everything else is latency: each extra kernel costs a few us of launch,
-ramp and drain. Compiled by inductor the layer is ~12 kernels, ~85 us (benchmarks/NOTES_sampler.md); here every
-small op rides in a product's prologue or epilogue: each program recomputes the rms of the input row (4 KB, from
-L2) before its dot, SiLU-mul and residual adds sit in the epilogues, and gate and up are read from their own
-weights (no fused copy). Each program owns BLOCK_N output rows: it loads a first tile of FIRST_K columns (the
-whole rows where they fit, see PRELOAD_WHOLE), then walks the rest of the input in BLOCK_K chunks, accumulating a
-(BLOCK_N, BLOCK_K) float32 tile that is summed once at the end.
-`attend` is kernels/decode_attention.py's split-KV attention with the rotary and the cache write folded in:
-each program rotates its query heads itself (and normalises them, Qwen3), and the program whose slot range holds
-the new token writes its rotated key and its value into the cache (and into the range's first block, which it
-read before the wait); the ranges are merged by decode_attention's merge kernel. (Merging in the split kernel, by
-the last range to finish a head, was measured slower on the H100: 8.1 against 5.6 us per layer at Qwen2.5-VL-3B;
-the merging program walks the ranges alone.)
+Qwen2.5-VL-3B) and everything else is latency: each extra kernel costs a few us of launch, ramp and drain, and
+inductor makes ~12 kernels of a compiled layer. Here every small op rides in a product's prologue or epilogue: each
+program recomputes the rms of the input row (4 KB, from L2) before its dot, SiLU-mul and residual adds sit in the
+epilogues, and gate and up are read from their own weights (no fused copy). Each program owns BLOCK_N output rows:
+it loads a first tile of FIRST_K columns (the whole rows where they fit, see PRELOAD_WHOLE), then walks the rest of
+the input in BLOCK_K chunks, accumulating a (BLOCK_N, BLOCK_K) float32 tile that is summed once at the end.
+`attend` is attention.py's split-KV attention with the rotary and the cache write folded in: each program rotates
+its query heads itself (and normalises them, Qwen3), and the program whose slot range holds the new token writes
+its rotated key and its value into the cache (and into the range's first block, which it read before the wait);
+the ranges are merged by attention.py's merge kernel, a launch of its own: merging in the split kernel, by the last
+range to finish, leaves one program walking the ranges alone, which is slower.
 
 Numerics follow the PyTorch layer op by op in the activation dtype: the normed input is rounded to the dtype
 before and after the norm weight (transformers' Qwen2RMSNorm), a projection's output is rounded before its bias,
@@ -30,9 +29,9 @@ SiLU and residual adds are rounded where PyTorch rounds them; only the order of 
 One row only: x (1, 1, D), the cache (1, K, S, Dh). Legend: D model width, O output rows of a product, I the
 MLP width, H query heads, K key/value heads, G = H // K, GP = G padded to a power of two >= 16, Dh head dim,
 S cache slots, BS slots per block, NS slot ranges.
-Tests (CPU, Triton interpreter): python -m pytest tests/test_kernels_decode_layer.py
-Benchmark (GPU): python benchmarks/bench_gemv.py (the products alone), benchmarks/profile_decode.py (the step),
-benchmarks/decode_ab.py (settings such as PDL side by side)
+Tests (CPU, Triton interpreter): python -m pytest tests/test_kernels_decode_one_row.py
+Benchmarks (GPU): python benchmarks/bench_decode_kernels.py gemv (the products alone), python benchmarks/bench_decode.py
+(the step); measurements: benchmarks/NOTES_sampler.md
 """
 import functools
 import math
@@ -41,11 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from kernels import triton_available, use_triton
+from kernels.decode.attention import decode_attention_reference
 
 # (BLOCK_N, BLOCK_K, num_warps): output rows per program, input columns per step, warps; `blocks=` overrides them
-# per call. From `bench_gemv.py --sweep` on an H100 (benchmarks/NOTES_sampler.md): two rows per program (many
-# programs, so that many loads are in flight) and about 2048 weight elements per step were within 1-8% of the
-# fastest of 26 points on every Qwen2.5-VL-3B shape; the gated product reads two weights, so half the columns.
+# per call. Two rows per program (many programs, so that many loads are in flight) and about 2048 weight elements a
+# step were within a few percent of the fastest of 26 settings on every Qwen2.5-VL-3B shape; the gated product
+# reads two weights, so half the columns.
 BLOCKS = (2, 1024, 4)
 INTERPRET_BLOCKS = (16, 32, 4)  # small, so that the CPU tests cover several programs and steps
 
@@ -54,19 +54,17 @@ def _blocks(device, blocks):
     return blocks or (BLOCKS if device.type == "cuda" else INTERPRET_BLOCKS)
 
 
-# Programmatic dependent launch (Hopper and later): each kernel of the layer is launched while the one before still
+# Programmatic dependent launch (sm_90 and later): each kernel of the layer is launched while the one before still
 # runs, so that its programs are on the SMs with their first weight tiles loading when that one ends (each kernel
-# loads its first tile, then waits: decode_attention._wait_for_previous_kernel). 4.8% off the Qwen2.5-VL-3B step,
-# 0.8% off Qwen3-VL-8B's (H200, benchmarks/decode_ab.py).
+# loads its first tile, then waits: attention._wait_for_previous_kernel); about 5% off the Qwen2.5-VL-3B step.
 PDL = True
 
 # How much of its weight rows each program of a product kernel loads before that wait: the whole rows if they have at
 # most PRELOAD_WHOLE columns (gate and up counted both), else the first PRELOAD_PART columns (likewise). What is
 # loaded before the wait is not a memory round trip after it; but it is held in registers (BLOCK_N x 4096 bf16
 # values take ~130 registers a thread, so fewer programs fit on an SM), which pays only when no loop over the rest
-# of the row follows. Interleaved on an H200 (benchmarks/NOTES_sampler.md, session 6): step 0.847x at Qwen2.5-VL-3B,
-# 0.903x at Qwen3-VL-8B against one BLOCK_K (both 0); partial rows of 4096 values (2048 columns of gate and up at
-# 8B, 4096 of down) were slower. The attention likewise reads its first block of keys and values before the wait.
+# of the row follows: partial rows of 4096 values were slower. The attention likewise reads its first block of keys
+# and values before the wait.
 PRELOAD_WHOLE = 4096
 PRELOAD_PART = 2048
 
@@ -109,36 +107,39 @@ def matvec_residual_reference(a, weight, residual):
     return residual + F.linear(a, weight)
 
 
+def rotate_reference(x, cos, sin):
+    """The rotate-half rotary (transformers' apply_rotary_pos_emb) with sin signed as [-sin1, sin2]:
+    x * cos + [x2, x1] * sin, in the dtype of x."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
+
+
 def attend_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
     """qkv (1, 1, (H + 2K) Dh) -> attention output (1, H, 1, Dh). Rotates q and k (cos and sin (1, 1, Dh), sin
-    signed as minivl.text.signed_sin; Qwen3 first normalises each head with q_norm / k_norm (Dh,)), writes k and v
+    signed as in rotate_reference; Qwen3 first normalises each head with q_norm / k_norm (Dh,)), writes k and v
     into the caches (1, K, S, Dh) at `slot` (1,), then attends over the slots `mask` (1, 1, 1, S) allows."""
-    from minivl.text import apply_rotary, decode_attention
-
     K, Dh = k_cache.shape[1], k_cache.shape[3]
     q, k, v = qkv.view(-1, Dh).split([qkv.shape[-1] // Dh - 2 * K, K, K])  # (H, Dh), (K, Dh), (K, Dh)
     if q_norm is not None:
         q, k = rms_norm_reference(q, q_norm, eps), rms_norm_reference(k, k_norm, eps)
-    q, k = apply_rotary(q, cos[0], sin[0]), apply_rotary(k, cos[0], sin[0])
+    q, k = rotate_reference(q, cos[0], sin[0]), rotate_reference(k, cos[0], sin[0])
     k_cache.index_copy_(2, slot, k[None, :, None])
     v_cache.index_copy_(2, slot, v[None, :, None])
-    return decode_attention(q[None, :, None], k_cache, v_cache, mask)
+    return decode_attention_reference(q[None, :, None], k_cache, v_cache, mask)
 
 
 def step_inputs_reference(token, embed_weight, slot, cos_table, sin_table, key_valid):
-    """What sampler.step_inputs gives for one row, from the tables of its rotary (S, Dh), row s = slot s's."""
+    """The sampler's step inputs for one row, from the tables of its rotary (S, Dh), row s = slot s's."""
     S = key_valid.shape[-1]
     mask = key_valid.view(1, S) & (torch.arange(S, device=slot.device) <= slot)  # (1, S)
     return (embed_weight[token].view(1, 1, -1), cos_table[slot].view(1, 1, -1), sin_table[slot].view(1, 1, -1),
             mask.view(1, 1, 1, S))
 
 
-def greedy_record_reference(logits, banned, eos, pad_id, token, step, done, lengths, tokens, logprobs, positions,
-                            logits_out):
-    """sampler.record for one row and greedy sampling, then the next slot: the row's token is the first maximum of
-    its logits (1, V) outside `banned`, its log-prob the log-softmax there; a finished row (done) only pads."""
+def greedy_record_reference(logits, banned, eos, pad_id, token, step, done, lengths, tokens, logprobs, positions):
+    """The sampler's record for one row and greedy sampling, then the next slot: the row's token is the first maximum
+    of its logits (1, V) outside `banned`, its log-prob the log-softmax there; a finished row (done) only pads."""
     x = logits.float().view(1, -1)
-    logits_out.copy_(x)
     x = x.index_fill(1, banned, float("-inf"))
     best = x.argmax(dim=-1)  # (1,)
     logprob = x.gather(1, best[:, None])[:, 0] - x.logsumexp(dim=-1)
@@ -208,7 +209,7 @@ def matvec_residual(a, weight, residual, blocks=None):
 def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
     if not use_triton(qkv, k_cache):
         return attend_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)
-    from kernels.decode_attention import CONFIG as SPLIT_CONFIG, INTERPRET_CONFIG as SPLIT_INTERPRET, _merge_kernel
+    from kernels.decode.attention import CONFIG as SPLIT_CONFIG, INTERPRET_CONFIG as SPLIT_INTERPRET, _merge_kernel
 
     _, K, S, Dh = k_cache.shape
     H = qkv.shape[-1] // Dh - 2 * K
@@ -265,33 +266,30 @@ def step_inputs(token, embed_weight, slot, cos_table, sin_table, key_valid):
     return x, cos, sin, mask
 
 
-def greedy_record(logits, banned, eos, pad_id, token, step, done, lengths, tokens, logprobs, positions,
-                  logits_out):
+def greedy_record(logits, banned, eos, pad_id, token, step, done, lengths, tokens, logprobs, positions):
     """The greedy tail of a one-row step in two launches (greedy_record_reference says what it does): each program
-    of the first takes a chunk of the logits (1, V), stores them as float32 into logits_out, and leaves the chunk's
-    maximum outside `banned`, where it first occurs, and its sum of exp(x - max); one program then combines the
-    chunks (the log-sum-exp, the first maximum) and records the token: column `step` of tokens and logprobs (1, L),
-    lengths, done (an id of `eos`), token; then step and positions move on. Compiled by inductor the same tail was
-    ~9 small kernels, ~15 us of a ~2 ms step (benchmarks/NOTES_sampler.md, session 7); these two made the step
-    0.996x (session 8)."""
+    of the first takes a chunk of the logits (1, V) and leaves the chunk's maximum outside `banned`, where it first
+    occurs, and its sum of exp(x - max); one program then combines the chunks (the log-sum-exp, the first maximum)
+    and records the token: column `step` of tokens and logprobs (1, L), lengths, done (an id of `eos`), token; then
+    step and positions move on. Why: compiled by inductor the same tail is ~9 small kernels that programmatic
+    dependent launch does not overlap."""
     if not use_triton(logits, tokens):
         return greedy_record_reference(logits, banned, eos, pad_id, token, step, done, lengths, tokens, logprobs,
-                                       positions, logits_out)
+                                       positions)
     V, L = logits.shape[-1], tokens.shape[-1]
-    _check("greedy_record", logits.numel() == V and logits_out.numel() == V and logits_out.dtype == torch.float32
-           and tokens.shape == (1, L) and logprobs.shape == (1, L) and token.numel() == 1 and done.numel() == 1
-           and lengths.numel() == 1 and step.numel() == 1 and positions.numel() == 1 and tokens.is_contiguous()
-           and logprobs.is_contiguous() and logits.is_contiguous() and logits_out.is_contiguous(),
-           f"logits {tuple(logits.shape)}, logits_out {tuple(logits_out.shape)} {logits_out.dtype}, tokens "
-           f"{tuple(tokens.shape)}, logprobs {tuple(logprobs.shape)}: want one row of V logits, a float32 copy of "
-           "them, (1, L) contiguous outputs and one-element state")
+    _check("greedy_record", logits.numel() == V and tokens.shape == (1, L) and logprobs.shape == (1, L)
+           and token.numel() == 1 and done.numel() == 1 and lengths.numel() == 1 and step.numel() == 1
+           and positions.numel() == 1 and tokens.is_contiguous() and logprobs.is_contiguous()
+           and logits.is_contiguous(),
+           f"logits {tuple(logits.shape)}, tokens {tuple(tokens.shape)}, logprobs {tuple(logprobs.shape)}: want one "
+           "row of V logits, (1, L) contiguous outputs and one-element state")
     block = 1024 if logits.is_cuda else 64
     chunks = triton.cdiv(V, block)
     chunk_max = torch.empty(2, chunks, dtype=torch.float32, device=logits.device)  # max, sum of exp(x - max)
     chunk_at = torch.empty(chunks, dtype=torch.int32, device=logits.device)  # where the max first occurs
     pdl = _pdl(logits.device)
     _greedy_chunks_kernel[(chunks,)](
-        logits, banned if banned.numel() else token, logits_out, chunk_max, chunk_at, V, banned.numel(),
+        logits, banned if banned.numel() else token, chunk_max, chunk_at, V, banned.numel(),
         BLOCK=block, NBP=max(2, triton.next_power_of_2(banned.numel())), PDL=pdl, num_warps=4, launch_pdl=pdl)
     _greedy_record_kernel[(1,)](
         chunk_max, chunk_at, eos if eos.numel() else token, token, step, done, lengths, tokens, logprobs, positions,
@@ -305,7 +303,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.decode_attention import _attend_block, _attend_blocks, _store_range, _wait_for_previous_kernel
+    from kernels.decode.attention import _attend_block, _attend_blocks, _store_range, _wait_for_previous_kernel
 
     @triton.jit
     def _normed(x_ptr, nw_ptr, cols, rstd, D, dtype: tl.constexpr):
@@ -438,7 +436,7 @@ if triton_available():
             is_new = (slots == slot)[:, None]  # (BS, 1): the slot's row of the block read before the wait
             k = tl.where(is_new, tl.sum(k_new.to(tl.float32), axis=0).to(k.dtype)[None, :], k)  # rows 1.. are 0
             v = tl.where(is_new, v_new[None, :], v)
-        m_i = tl.zeros([GP], tl.float32) - float("inf")  # the online softmax of decode_attention._split_kernel
+        m_i = tl.zeros([GP], tl.float32) - float("inf")  # the online softmax of attention._split_kernel
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DH], tl.float32)
         if tl.max(live.to(tl.int32), axis=0) > 0:
@@ -462,7 +460,7 @@ if triton_available():
             tl.store(sin_ptr + rd, tl.load(sin_t_ptr + slot * DH + rd))
 
     @triton.jit
-    def _greedy_chunks_kernel(logits_ptr, banned_ptr, out_ptr, max_ptr, at_ptr, V, NB, BLOCK: tl.constexpr,
+    def _greedy_chunks_kernel(logits_ptr, banned_ptr, max_ptr, at_ptr, V, NB, BLOCK: tl.constexpr,
                               NBP: tl.constexpr, PDL: tl.constexpr):
         c = tl.program_id(0)
         cols = c * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) token ids of this chunk
@@ -470,7 +468,6 @@ if triton_available():
         banned = tl.load(banned_ptr + rb, mask=rb < NB, other=-1)  # (NBP,)
         _wait_for_previous_kernel(PDL)
         x = tl.load(logits_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-        tl.store(out_ptr + cols, x, mask=cols < V)
         hit = tl.sum((cols[:, None] == banned[None, :]).to(tl.int32), axis=1) > 0  # (BLOCK,)
         x = tl.where(hit | (cols >= V), float("-inf"), x)
         m = tl.max(x, axis=0)

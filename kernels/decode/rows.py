@@ -1,5 +1,5 @@
-"""The small ops of a decode step of several rows, for the sampler (minivl/sampler.py): one decoder layer is cuBLAS's
-q/k/v product and six Triton launches (seven with the attention's merge), no inductor.
+"""The several-row decode step's kernels (the rows backend of kernels/decode/__init__.py): one decoder layer is
+cuBLAS's q/k/v product and six Triton launches (seven with the attention's merge), no inductor.
 
     x, h = add_norm(x, delta, input_norm_weight, eps)     # x += delta (the last layer's MLP), h = rmsnorm(x)
     qkv = F.linear(h, qkv_weight, qkv_bias)                # cuBLAS
@@ -8,17 +8,16 @@ q/k/v product and six Triton launches (seven with the attention's merge), no ind
     act = gated_linear(h, gate_weight, up_weight)                                 # SiLU(gate) * up in one product
     delta = split_linear(act, down_weight)                                        # summed by the next add_norm
 
-Why: at 64 rows q/k/v is a matrix product that cuBLAS streams near copy speed (benchmarks/NOTES_sampler.md, session
-9: inductor's Triton templates were slower at every shape). o and down, whose output goes to a residual add, are
-split-K products here whose float32 partials that add sums (see split_linear); gate/up is one Triton product that
-reads both weights where they are and writes SiLU(gate) * up (see gated_linear). Around the products, inductor's
-compiled layer made its own small kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose
-speed moved between builds of the same code (the SiLU-mul kernel 70 or 192 us a step, H200), and it compiles again
-for every new cache length. Here the residual add rides in the next norm, and the rotary and the cache write ride in
-the attention: each program (row, key/value head, slot range) rotates its query heads itself, and the program whose
-range holds the new slot rotates the key and writes it and the value into the cache before it reads its range.
-The attention is kernels/decode_attention.py's split-KV loop (its CONFIG), so it reads only the written slots; the
-n answers of a prompt read the prompt's slots from its first copy (see attend).
+Why: at 64 rows q/k/v is a matrix product that cuBLAS streams near copy speed (inductor's Triton templates were
+slower at every shape). o and down, whose output goes to a residual add, are split-K products here whose float32
+partials that add sums (see split_linear); gate/up is one Triton product that reads both weights where they are and
+writes SiLU(gate) * up (see gated_linear). Around the products, inductor's compiled layer makes its own small
+kernels (norms, the residual adds, rotary, the two cache writes, SiLU-mul), whose speed moves between builds of the
+same code, and it compiles again for every new cache length. Here the residual add rides in the next norm, and the
+rotary and the cache write ride in the attention: each program (row, key/value head, slot range) rotates its query
+heads itself, and the program whose range holds the new slot rotates the key and writes it and the value into the
+cache before it reads its range. The attention is attention.py's split-KV loop (its CONFIG), so it reads only the
+written slots; the n answers of a prompt read the prompt's slots from its first copy (see attend).
 
 Numerics follow the PyTorch layer op by op in the activation dtype (transformers' roundings): the residual sum is
 rounded before the norm, the normed input before and after the norm weight, SiLU before the product with up.
@@ -26,15 +25,16 @@ rounded before the norm, the normed input before and after the norm weight, SiLU
 Shapes: N rows, D model width, I MLP width, H query heads, K key/value heads, G = H // K, GP = G padded to a power
 of two >= 16, Dh head dim, S cache slots, BS slots per block, NS slot ranges.
 Tests (CPU, Triton interpreter): python -m pytest tests/test_kernels_decode_rows.py
+Benchmarks (GPU): python benchmarks/bench_decode_kernels.py gemm|gated|tail, python benchmarks/bench_decode.py
+profile --rows 64; measurements: benchmarks/NOTES_sampler.md
 """
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from kernels import triton_available, use_triton
-from kernels.decode_layer import attend_reference, rms_norm_reference
+from kernels.decode.one_row import attend_reference, rms_norm_reference
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -58,23 +58,11 @@ def gated_linear_reference(x, gate_weight, up_weight):
 
 
 def attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask):
-    """decode_layer.attend_reference, row by row: qkv (N, 1, (H + 2K) Dh), cos and sin (N, 1, Dh), caches
+    """one_row.attend_reference, row by row: qkv (N, 1, (H + 2K) Dh), cos and sin (N, 1, Dh), caches
     (N, K, S, Dh), mask (N, 1, 1, S) -> (N, H, 1, Dh). Each row reads its own cache (copies of a prompt are alike)."""
     return torch.cat([attend_reference(qkv[n:n + 1], cos[n:n + 1], sin[n:n + 1], q_norm, k_norm, eps,
                                        k_cache[n:n + 1], v_cache[n:n + 1], slot, mask[n:n + 1])
                       for n in range(qkv.shape[0])])
-
-
-def sample_record_reference(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths, tokens,
-                            logprobs, positions, logits_out):
-    """sampler.record for temperature sampling over every token but the banned (no top-k, no top-p; temperature 0:
-    greedy), then the next slot."""
-    from minivl.sampler import Sampling, record
-
-    state = SimpleNamespace(banned=banned, seed=seed, step=step, done=done, pad_id=pad_id, tokens=tokens,
-                            logprobs=logprobs, lengths=lengths, eos=eos, token=token, logits=logits_out)
-    record(state, logits.float(), Sampling(temperature))
-    positions.add_(1)
 
 
 # ----------------------------------------------------------------------------------------- dispatch
@@ -102,18 +90,17 @@ def add_norm(x, delta, weight, eps):
     return out, h
 
 
-# Tiles of split_linear's product, from benchmarks/bench_rows_gemm.py (H200, M = 64): (BN, BK, stages, programs).
-# Against cuBLAS's F.linear: Qwen2.5-VL-3B o 4.9 vs 6.3 us, down 14.6 vs 17.3; Qwen3-VL-8B o 11.0 vs 11.8, down 28.0 vs
-# 31.8; each with about 128 programs (output blocks x ranges of K); the larger gate/up lost (1.02x / 1.07x).
+# Tiles of split_linear's product at 64 rows: (BN, BK, stages, programs), about 128 programs (output blocks x ranges
+# of K). Faster than cuBLAS's F.linear on o and down at both published shapes; not on the larger gate/up.
 SPLIT_TILES = (64, 128, 4, 128)
 INTERPRET_SPLIT_TILES = (16, 32, 1, 8)  # small, so that the CPU tests cover several blocks, ranges and steps
 
 
 def split_linear(x, weight):
     """x (N, 1, K) -> (P, N, 1, O): x @ weight.T (weight (O, K)) as P float32 partial sums over ranges of K, which
-    add_norm sums. Why: at 64 rows the o and down projections are latency-bound in cuBLAS (3B o at 1.3 TB/s), which
-    reduces its own split-K ranges in a second kernel; here more programs stream the weight and the next kernel,
-    which reads the output anyway, does that sum."""
+    add_norm sums. Why: at 64 rows the o and down projections are latency-bound in cuBLAS, which reduces its own
+    split-K ranges in a second kernel; here more programs stream the weight and the next kernel, which reads the
+    output anyway, does that sum."""
     if not use_triton(x, weight):
         return split_linear_reference(x, weight)
     (O, K), M = weight.shape, x.numel() // x.shape[-1]
@@ -131,9 +118,8 @@ def split_linear(x, weight):
     return part
 
 
-# (BN, BK, stages): `bench_rows_gemm.py --gated` on an H200, against cuBLAS over a fused gate/up copy + a SiLU-mul
-# kernel: 3B 25.9 vs 29.0 us, 8B 54.0 vs 54.6 (blocks of 64 outputs: 26.4 / 54.1). With it (at BN 64) the 64-row
-# step took 0.985x / 0.990x the time of the cuBLAS one, and the call's fused copies 0.35 / 1.69 GiB, not 3.38 / 8.44.
+# (BN, BK, stages) of gated_linear: against cuBLAS over a fused gate/up copy and a SiLU-mul kernel, faster at
+# Qwen2.5-VL-3B and level at Qwen3-VL-8B, without the copy (about a third of the decoder's weights, for the call).
 GATED_TILES = (32, 64, 4)
 INTERPRET_GATED_TILES = (16, 32, 1)
 
@@ -164,17 +150,17 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, sha
     into the caches (N, K, S, Dh) at `slot` (1,). cos and sin (N, 1, Dh), sin signed as minivl.text.signed_sin;
     mask (N, 1, 1, S) bool, the slots each row may read (the new one included); q_norm and k_norm (Dh,) for Qwen3.
     shared = (n, T0): the cache's first T0 slots are alike in each run of n rows (the n answers of one prompt,
-    sampler.prefill), so every row reads them from the first of its run. Why: at 64 rows of 8 answers the prompt is
-    about half of the slots read; read once and then from L2, the step reads that much less from memory (H200: the
-    8B step 5.93 against 6.11-6.18 ms; 3B level). Reading the prompt once for all n rows in one tile of their query
-    heads, merged with each row's own slots, was slower (the merge; benchmarks/NOTES_sampler.md, session 11)."""
+    the sampler's prefill), so every row reads them from the first of its run. Why: at 64 rows of 8 answers the
+    prompt is about half of the slots read; read once and then from L2, the step reads that much less from memory.
+    Reading the prompt once for all n rows in one tile of their query heads, merged with each row's own slots, was
+    slower (the merge)."""
     group, prompt = shared
     _check("attend", group >= 1 and k_cache.shape[0] % group == 0 and 0 <= prompt <= k_cache.shape[2],
            f"shared {shared}: want (n, T0) with n dividing the {k_cache.shape[0]} rows and T0 at most the "
            f"{k_cache.shape[2]} slots")
     if not use_triton(qkv, k_cache):
         return attend_rows_reference(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask)
-    from kernels.decode_attention import CONFIG, INTERPRET_CONFIG, _merge_kernel, ranges
+    from kernels.decode.attention import CONFIG, INTERPRET_CONFIG, _merge_kernel, ranges
 
     N, K, S, Dh = k_cache.shape
     H = qkv.shape[-1] // Dh - 2 * K
@@ -206,34 +192,31 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, sha
 
 
 def sample_record(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths, tokens, logprobs,
-                  positions, logits_out):
-    """The sampling tail of a step of N rows in three launches (sample_record_reference says what it does). Each
-    program of the first takes a chunk of a row's logits (N, V): it stores them as float32 into logits_out, divides
-    them by the temperature, and leaves the chunk's maximum outside `banned` and its sum of exp(x - max), and the
-    maximum of x + Gumbel noise (sampler.gumbel_noise: the same uniforms) and where it first occurs. Each program of
-    the second combines a few rows' chunks (the log-sum-exp, the draw) and records their tokens, as
-    decode_layer.greedy_record does for one row; a third moves the step and the slot on. Compiled by inductor this
-    tail was ~10 kernels, ~130 us of a 64-row step; these take ~92 (H200, benchmarks/NOTES_sampler.md, session 10)."""
+                  positions):
+    """The sampling tail of a step of N rows (no top-k, no top-p; temperature 0: greedy) in three launches: the
+    sampler's record, then the next slot. Each program of the first takes a chunk of a row's logits (N, V): it
+    divides them by the temperature and leaves the chunk's maximum outside `banned` and its sum of exp(x - max), and
+    the maximum of x + Gumbel noise (the sampler's gumbel_noise: the same uniforms) and where it first occurs. Each
+    program of the second combines a few rows' chunks (the log-sum-exp, the draw) and records their tokens, as
+    one_row.greedy_record does for one row; a third moves the step and the slot on. Why: compiled by inductor this
+    tail is ~10 kernels. Triton only: its PyTorch twin is the sampler's own sampling (minivl.sampler.record)."""
     if not use_triton(logits, tokens):
-        return sample_record_reference(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths,
-                                       tokens, logprobs, positions, logits_out)
+        raise RuntimeError("sample_record runs only as Triton kernels; the sampler's record is its PyTorch twin")
     (N, V), L = logits.shape, tokens.shape[-1]
-    _check("sample_record", logits_out.shape == (N, V) and logits_out.dtype == torch.float32 and tokens.shape == (N, L)
-           and logprobs.shape == (N, L) and token.shape == (N,) and done.shape == (N,) and lengths.shape == (N,)
-           and step.numel() == 1 and positions.numel() == 1 and logits.is_contiguous() and logits_out.is_contiguous()
-           and tokens.is_contiguous() and logprobs.is_contiguous() and temperature >= 0,
-           f"logits {tuple(logits.shape)}, logits_out {tuple(logits_out.shape)} {logits_out.dtype}, tokens "
-           f"{tuple(tokens.shape)}, logprobs {tuple(logprobs.shape)}, token {tuple(token.shape)}, temperature "
-           f"{temperature}: want (N, V) logits and their float32 copy, (N, L) contiguous outputs, (N,) row state, "
-           "one-element step and positions, a temperature >= 0")
-    block = 1024 if logits.is_cuda else 64  # 1024 ids, 4 warps: 87 us at 64 rows (H200); 4096, 8 warps: 140
+    _check("sample_record", tokens.shape == (N, L) and logprobs.shape == (N, L) and token.shape == (N,)
+           and done.shape == (N,) and lengths.shape == (N,) and step.numel() == 1 and positions.numel() == 1
+           and logits.is_contiguous() and tokens.is_contiguous() and logprobs.is_contiguous() and temperature >= 0,
+           f"logits {tuple(logits.shape)}, tokens {tuple(tokens.shape)}, logprobs {tuple(logprobs.shape)}, token "
+           f"{tuple(token.shape)}, temperature {temperature}: want (N, V) logits, (N, L) contiguous outputs, (N,) "
+           "row state, one-element step and positions, a temperature >= 0")
+    block = 1024 if logits.is_cuda else 64  # the per-id work decides the pass's time, not the tiling
     chunks = triton.cdiv(V, block)
     # per (row, chunk): max, sum of exp(x - max), max of x + noise; where that maximum first occurs
     chunk_f = torch.empty(3, N, chunks, dtype=torch.float32, device=logits.device)
     chunk_at = torch.empty(N, chunks, dtype=torch.int32, device=logits.device)
     greedy, t = temperature == 0, float(temperature) or 1.0
     _sample_chunks_kernel[(N, chunks)](
-        logits, banned if banned.numel() else token, seed, step, logits_out, chunk_f, chunk_at, V, banned.numel(), t,
+        logits, banned if banned.numel() else token, seed, step, chunk_f, chunk_at, V, banned.numel(), t,
         BLOCK=block, NBP=max(2, triton.next_power_of_2(banned.numel())), GREEDY=greedy, num_warps=4)
     rb = 2
     _sample_record_kernel[(triton.cdiv(N, rb),)](
@@ -249,8 +232,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.decode_attention import _attend_range
-    from kernels.decode_layer import _normed_values, _rope_heads
+    from kernels.decode.attention import _attend_range
+    from kernels.decode.one_row import _normed_values, _rope_heads
 
     @triton.jit
     def _add_norm_kernel(x_ptr, d_ptr, nw_ptr, out_ptr, h_ptr, D, numel, eps, BLOCK: tl.constexpr,
@@ -301,7 +284,7 @@ if triton_available():
 
     @triton.jit
     def _hash32(x):
-        """sampler._hash32 on uint32 (its products taken mod 2**32 by the hardware)."""
+        """The sampler's _hash32 on uint32 (its products taken mod 2**32 by the hardware)."""
         x = x ^ (x >> 16)
         x = x * 0x7FEB352D
         x = x ^ (x >> 15)
@@ -309,7 +292,7 @@ if triton_available():
         return x ^ (x >> 16)
 
     @triton.jit
-    def _sample_chunks_kernel(logits_ptr, banned_ptr, seed_ptr, step_ptr, out_ptr, f_ptr, at_ptr, V, NB, temperature,
+    def _sample_chunks_kernel(logits_ptr, banned_ptr, seed_ptr, step_ptr, f_ptr, at_ptr, V, NB, temperature,
                               BLOCK: tl.constexpr, NBP: tl.constexpr, GREEDY: tl.constexpr):
         n, c = tl.program_id(0), tl.program_id(1)
         NC = tl.num_programs(0) * tl.num_programs(1)
@@ -317,7 +300,6 @@ if triton_available():
         rb = tl.arange(0, NBP)
         banned = tl.load(banned_ptr + rb, mask=rb < NB, other=-1)  # (NBP,)
         x = tl.load(logits_ptr + n.to(tl.int64) * V + cols, mask=cols < V, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n.to(tl.int64) * V + cols, x, mask=cols < V)
         if not GREEDY:
             x = tl.div_rn(x, temperature)  # IEEE division, as PyTorch's logits / temperature
         hit = tl.sum((cols[:, None] == banned[None, :]).to(tl.int32), axis=1) > 0  # (BLOCK,)
@@ -326,7 +308,7 @@ if triton_available():
         shift = tl.where(m == float("-inf"), 0.0, m)  # a chunk of banned ids only: sum 0, not NaN
         total = tl.sum(tl.exp(x - shift), axis=0)
         draw = x
-        if not GREEDY:  # Gumbel noise of (seed, step, row, token): sampler.gumbel_noise's uniforms
+        if not GREEDY:  # Gumbel noise of (seed, step, row, token): the sampler's uniforms
             seed = tl.load(seed_ptr)
             first = ((seed & 0xFFFFFFFF) ^ tl.load(step_ptr)).to(tl.uint32)
             key = _hash32(_hash32(first) ^ n.to(tl.uint32))

@@ -4,16 +4,17 @@
     q (N, H, 1, Dh); k, v (N, K, S, Dh): the whole static cache of one layer; mask (N, 1, 1, S) bool: the slots
     each row may read (its prompt without the left padding, and the answer so far); out (N, H, 1, Dh), v's dtype.
 
-Why a kernel: at batch 1 the work is tiny (3B: 2 key/value heads x ~600 slots x 128 dims) and latency decides.
-SDPA runs N*K thread blocks (2 at Qwen2.5-VL-3B) that each walk all S slots; the written-out attention
-(minivl.text.decode_attention) becomes three inductor kernels; both read the cache's unwritten tail too.
-Here the slots are cut into NSPLIT ranges and one program takes (row, key/value head, range), with all G = H/K
-query heads of that key/value head in one tile (padded to 16 rows for the tensor-core dot). A block of slots whose
-mask is all False (the static cache's tail not written yet, or left padding) reads no k or v bytes: the loop runs
-from a range's first readable block to its last (or, with CONFIG["skip"], branches over dead blocks), so a step
-reads only the written slots. Each program keeps an online softmax over its range and writes its
-partial output and log-sum-exp; `_merge_kernel` weights the ranges by their log-sum-exps (one program per head).
-With rows enough to fill the GPU there is one range per (row, key/value head), and no merge.
+Why a kernel: at one row the work is tiny (Qwen2.5-VL-3B: 2 key/value heads x ~600 slots x 128 dims) and latency
+decides; at 64 rows most of the cache is not written yet. SDPA runs N*K thread blocks that each walk all S slots,
+the unwritten tail included. Here the slots are cut into NS ranges and one program takes (row, key/value head,
+range), with all G = H/K query heads of that key/value head in one tile (padded to 16 rows for the tensor-core
+dot). A block of slots whose mask is all False (the static cache's tail not written yet, or left padding) reads no
+k or v bytes: the loop runs from a range's first readable block to its last (or, with CONFIG["skip"], branches over
+dead blocks), so a step reads only the written slots. Each program keeps an online softmax over its range and
+writes its partial output and log-sum-exp; `_merge_kernel` weights the ranges by their log-sum-exps (one program
+per head). With rows enough to fill the GPU there is one range per (row, key/value head), and no merge.
+The one-row and several-row decode layers (one_row.py, rows.py) run this same range loop with the rotary and the
+cache write folded in.
 
 Numerics: the dots run in the cache's dtype with float32 accumulation, as flash attention does (bf16 on the GPU,
 softmax weights rounded to bf16 for the second dot; float32 caches use IEEE float32 dots). The softmax is in
@@ -22,32 +23,40 @@ float32, in base 2.
 Legend: N rows, H query heads, K key/value heads, G = H // K, GP = G padded to a power of two >= 16, S slots,
 Dh head dim, BS slots per block, NS number of slot ranges.
 Tests (CPU, Triton interpreter): python -m pytest tests/test_kernels_decode_attention.py
+Benchmark (GPU): python benchmarks/bench_decode_kernels.py attention; measurements: benchmarks/NOTES_sampler.md
 """
 import math
 
 import torch
 
 from kernels import triton_available, use_triton
-from minivl.text import decode_attention as decode_attention_reference  # the same attention, in plain PyTorch
 
-# programs: about 2 per SM (H100: 132 SMs). benchmarks/bench_decode_attention.py at 64 rows, H200, medians of 5
-# interleaved timings, µs a layer at Qwen3-VL-8B's / Qwen2.5-VL-3B's shape: blocks of 64 branched over when dead
-# 67.6 / 23.8; the branch-free loop over all blocks, 2 stages, 48.3 / 21.4; that loop from the first readable block
-# to the last only, 2 stages 38.7 / 19.7, with blocks of 32 and 3 stages 37.8 / 18.8 (SDPA: 62.8 / 24.6). At 3B
-# the 128 (row, head) pairs, one range each (no merge) and blocks of 64 ("BS_few", see ranges): 15.2 (session 10);
-# in the 64-row step of kernels/decode_rows.py 3.10 / 3.23 ms against 3.37 / 3.37 for 3 ranges of blocks of 32.
-# Blocks of 128 there (session 11, benchmarks/profile_rollout.py, 3 runs each): the attention 512-514 against
-# 594-602 us a step, the step 2.91-2.97 against 2.99-3.06 ms; 256 do not fit in shared memory at 3 stages.
+# About 128 programs: from 128 (row, key/value head) pairs on, one range per pair fills the GPU with no merge.
+# Blocks of 32 slots and 3 pipeline stages: the fastest bounded loop at 64 rows of Qwen3-VL-8B. Blocks of
+# BS_few = 128 when there are no more pairs than programs: fewer, longer ranges, each program keeping more bytes in
+# flight (256 do not fit in shared memory at 3 stages). The mask is scanned `scan` slots a load to bound the loop.
+# Measurements: benchmarks/NOTES_sampler.md, "Attention".
 CONFIG = {"BS": 32, "BS_few": 128, "num_warps": 4, "programs": 128, "skip": False, "stages": 3, "scan": 1024}
 INTERPRET_CONFIG = {"BS": 16, "BS_few": 16, "num_warps": 4, "programs": 8, "skip": False, "stages": 1,
-                    "scan": 32}  # CONFIG's loop
+                    "scan": 32}  # small: the CPU tests cover several ranges, blocks and scans
+
+
+def decode_attention_reference(q, k, v, mask):
+    """The same attention in plain PyTorch, float32: q (N, H, 1, Dh) over k, v (N, K, S, Dh) -> (N, H, 1, Dh)."""
+    N, H, _, Dh = q.shape
+    K = k.shape[1]
+    q = q.reshape(N, K, H // K, Dh).float() * Dh**-0.5  # (N, K, G, Dh): the G query heads of each key/value head
+    scores = q @ k.float().transpose(-1, -2)  # (N, K, G, S)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    p = torch.where(mask.any(-1, keepdim=True), p, 0.0)  # a row with no readable slot gets 0, as the kernel's
+    return (p @ v.float()).to(v.dtype).view(N, H, 1, Dh)  # (N, K, G, Dh) -> (N, H, 1, Dh)
 
 
 def ranges(pairs, S, cfg, itemsize=2):
     """(BS, blocks per range, NS) for `pairs` (row, key/value head) pairs over S slots: about cfg["programs"] programs
-    in all, one range per pair once there are that many pairs. With no more pairs than that, an SM runs about one
-    program, and blocks of cfg["BS_few"] slots keep more bytes in flight than cfg["BS"] (measured: see CONFIG); a
-    cache of `itemsize`-byte elements wider than 2 takes as many bytes a block, not slots (shared memory)."""
+    in all, one range per pair once there are that many pairs. With no more pairs than that, blocks of
+    cfg["BS_few"] slots (see CONFIG); a cache of `itemsize`-byte elements wider than 2 takes as many bytes a block,
+    not slots (shared memory)."""
     BS = cfg["BS"] if pairs > cfg["programs"] else max(cfg["BS"], cfg["BS_few"] * 2 // itemsize)
     blocks = triton.cdiv(S, BS)
     per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(cfg["programs"], pairs))))
@@ -57,10 +66,6 @@ def ranges(pairs, S, cfg, itemsize=2):
 def decode_attention(q, k, v, mask):
     if not use_triton(q, k, v):
         return decode_attention_reference(q, k, v, mask)
-    return _decode_attention_triton(q, k, v, mask)
-
-
-def _decode_attention_triton(q, k, v, mask):
     N, H, T, Dh = q.shape
     K, S = k.shape[1], k.shape[2]
     if T != 1 or H % K or k.shape != v.shape or mask.shape != (N, 1, 1, S) or mask.dtype != torch.bool:
@@ -87,7 +92,7 @@ def _decode_attention_triton(q, k, v, mask):
         num_warps=cfg["num_warps"])
     if NS > 1:
         # PDL passed although it is the default: inductor (torch 2.11), launching this kernel inside a compiled
-        # step, counted the defaulted constexpr as a launch argument and failed ("missing ... '_grid_2'", H200)
+        # step, counted the defaulted constexpr as a launch argument and failed ("missing ... '_grid_2'")
         _merge_kernel[(N * H,)](part, lse, out, H=H, G=G, DH=Dh, NS=NS, NSP=triton.next_power_of_2(NS), PDL=False,
                                 num_warps=4)
     return out
@@ -139,7 +144,7 @@ if triton_available():
                        START: tl.constexpr, PER_SPLIT: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
                        F32: tl.constexpr, SKIP: tl.constexpr, STAGES: tl.constexpr, SCAN: tl.constexpr):
         """The online softmax (m_i, l_i, acc) carried over blocks START..PER_SPLIT-1 of the range. Also
-        kernels/decode_layer.py's attention, which does block 0 itself. SKIP: a block nobody may read is
+        one_row.py's attention, which does block 0 itself. SKIP: a block nobody may read is
         branched over. Else the loop has no branch, so Triton pipelines it STAGES deep, and runs from the
         range's first readable block to its last, found by reading the mask SCAN slots at a time (a dead slot
         between them is loaded under its mask: no bytes). Slots below `shared` are read at offset kv_lead, not kv:
@@ -223,7 +228,7 @@ if triton_available():
     @triton.jit
     def _merge_kernel(part_ptr, lse_ptr, out_ptr, H: tl.constexpr, G: tl.constexpr, DH: tl.constexpr,
                       NS: tl.constexpr, NSP: tl.constexpr, PDL: tl.constexpr = False):
-        _wait_for_previous_kernel(PDL)  # kernels/decode_layer.py launches it so
+        _wait_for_previous_kernel(PDL)  # one_row.py launches it so
         nh = tl.program_id(0)  # row n, query head h = kh * G + g
         nk, g = nh // G, nh % G
         rs, rd = tl.arange(0, NSP), tl.arange(0, DH)

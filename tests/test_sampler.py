@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minivl
 from helpers import IDS, import_interpreted, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text, vision_block
@@ -494,3 +495,19 @@ def test_compiled_step_equals_eager(tmp_path):
         states.append(state)
     assert torch.equal(states[0].tokens, states[1].tokens)
     assert (states[0].logprobs - states[1].logprobs).abs().max() < 1e-5
+
+
+def test_backends_leave_a_non_silu_mlp_to_the_reference_layer(pair, monkeypatch):
+    """The kernels compute SiLU: a decoder MLP with another activation runs the reference layer, so the backend's
+    logits still equal the reference step's (they would differ by ~1e-2 if the kernels took it)."""
+    family, hf, ours = pair
+    if family == "qwen3_vl_moe":
+        pytest.skip("MoE layers never take the kernels")
+    gelu = copy.deepcopy(ours)
+    for layer in gelu.model.language_model.layers:
+        layer.mlp.hidden_act, layer.mlp.act = "gelu_pytorch_tanh", lambda x: F.gelu(x, approximate="tanh")
+    batch = make_batch(family)
+    use_decode("kernels", monkeypatch)
+    s = sampler.Sampling(0.0)
+    (ref, _), (got, _) = (run_steps(gelu, batch, 2, 4, s, decode, seed=1) for decode in ("reference", "rows"))
+    assert (got - ref).abs().max() <= TOL

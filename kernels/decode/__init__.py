@@ -55,10 +55,13 @@ def projection_weight(module):
 
 
 def layer_weights(layer):
-    """LayerWeights of a decoder layer, or None where a backend cannot take it: a MoE block, a projection that is
-    neither nn.Linear nor LoRA, biases on o / gate / up / down, a head dim that is not a power of two >= 16."""
+    """LayerWeights of a decoder layer, or None where a backend cannot take it: a MoE block, an MLP activation other
+    than SiLU (the kernels compute SiLU), a projection that is neither nn.Linear nor LoRA, biases on o / gate / up /
+    down, a head dim that is not a power of two >= 16."""
     attn, mlp, head_dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
-    if not hasattr(mlp, "gate_proj") or head_dim < 16 or head_dim & (head_dim - 1):
+    if not hasattr(mlp, "gate_proj") or getattr(mlp, "hidden_act", "silu") not in ("silu", "swish"):
+        return None
+    if head_dim < 16 or head_dim & (head_dim - 1):
         return None
     qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
     rest = (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)

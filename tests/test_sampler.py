@@ -442,13 +442,26 @@ def test_compiled_step_equals_eager(tmp_path, decode):
     assert (states[0].logprobs - states[1].logprobs).abs().max() < 1e-5
 
 
-def test_command_line_streams_an_answer(tmp_path):
-    from minivl.demo import make_demo
+def test_command_line_streams_the_sampled_answer(tmp_path):
+    # the random demo model answers greedily with blank lines; sampled, with a seed, it gives varied tokens
+    from minivl.demo import QUESTION, make_demo
+    from minivl.processor import Processor
 
     paths = make_demo(tmp_path / "demo")
-    image = sorted(paths["images"].iterdir())[0]
+    image = str(sorted(paths["images"].iterdir())[0])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "minivl.generate", "--model", str(paths["model"]), "--image",
-                          str(image), "--prompt", "What colour is the shape?", "--max-new-tokens", "8"],
-                         capture_output=True, text=True, timeout=120)
+                          image, "--prompt", QUESTION, "--max-new-tokens", "12", "--temperature", "1.0",
+                          "--seed", "0"], capture_output=True, text=True, timeout=120, cwd=root, env=env)
     assert run.returncode == 0, run.stderr
-    assert "tokens" in run.stderr  # the summary line
+    processor = Processor.from_pretrained(paths["model"])
+    batch = processor([{"role": "user", "content": [{"type": "image", "image": image},
+                                                    {"type": "text", "text": QUESTION}]}])
+    out = minivl.generate(minivl.load(paths["model"]), batch, 12, temperature=1.0,
+                          eos_token_id=processor.eos_token_ids, seed=0)
+    n = int(out.lengths[0])
+    answer = processor.decode(out.tokens[0, :n])
+    assert len(answer.strip()) >= 8 and not answer.endswith("\ufffd")
+    assert run.stdout == answer + "\n"                                 # streamed piece by piece, all of it
+    assert f"[{n} tokens in " in run.stderr                            # the summary line

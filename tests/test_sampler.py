@@ -442,26 +442,37 @@ def test_compiled_step_equals_eager(tmp_path, decode):
     assert (states[0].logprobs - states[1].logprobs).abs().max() < 1e-5
 
 
-def test_command_line_streams_the_sampled_answer(tmp_path):
-    # the random demo model answers greedily with blank lines; sampled, with a seed, it gives varied tokens
+def test_command_line_streams_the_answer_to_its_question(tmp_path, monkeypatch, capsys):
+    """`python -m minivl.generate` (run as __main__ here, so the sampler can be watched): the sampler gets the
+    processor's batch of the image and the prompt, and the options as given; every token is printed."""
+    import runpy
+
     from minivl.demo import QUESTION, make_demo
     from minivl.processor import Processor
 
     paths = make_demo(tmp_path / "demo")
     image = str(sorted(paths["images"].iterdir())[0])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "minivl.generate", "--model", str(paths["model"]), "--image",
-                          image, "--prompt", QUESTION, "--max-new-tokens", "12", "--temperature", "1.0",
-                          "--seed", "0"], capture_output=True, text=True, timeout=120, cwd=root, env=env)
-    assert run.returncode == 0, run.stderr
+    calls, real = [], sampler.generate
+
+    def watched(model, batch, *args, **kw):
+        calls.append((batch, args, kw, real(model, batch, *args, **kw)))
+        return calls[-1][-1]
+
+    monkeypatch.setattr(sampler, "generate", watched)
+    monkeypatch.setattr(sys, "argv", ["generate", "--model", str(paths["model"]), "--image", image, "--prompt",
+                                      QUESTION, "--max-new-tokens", "12", "--temperature", "0.9", "--seed", "3"])
+    runpy.run_module("minivl.generate", run_name="__main__")
+    assert callable(minivl.generate)                  # run as a script, the module did not replace the function
+    (batch, args, kw, out), = calls
     processor = Processor.from_pretrained(paths["model"])
-    batch = processor([{"role": "user", "content": [{"type": "image", "image": image},
-                                                    {"type": "text", "text": QUESTION}]}])
-    out = minivl.generate(minivl.load(paths["model"]), batch, 12, temperature=1.0,
-                          eos_token_id=processor.eos_token_ids, seed=0)
+    expected = processor([{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": QUESTION}]}])
+    assert batch.keys() == expected.keys() and all(torch.equal(batch[k], expected[k]) for k in batch)
+    assert args == (12,) and (kw["temperature"], kw["seed"]) == (0.9, 3)
+    assert kw["eos_token_id"] == processor.eos_token_ids
     n = int(out.lengths[0])
     answer = processor.decode(out.tokens[0, :n])
-    assert len(answer.strip()) >= 8 and not answer.endswith("\ufffd")
-    assert run.stdout == answer + "\n"                                 # streamed piece by piece, all of it
-    assert f"[{n} tokens in " in run.stderr                            # the summary line
+    printed = capsys.readouterr()
+    assert n >= 4 and len(answer.strip()) >= 4 and not answer.endswith("\ufffd")
+    assert printed.out == answer + "\n"                                # streamed piece by piece, all of it
+    assert f"[{n} tokens in " in printed.err                           # the summary line

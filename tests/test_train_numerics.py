@@ -62,7 +62,7 @@ def run(script, argv, world=1):
         return importlib.import_module(Path(script).stem).main(argv)
     # the checkout on PYTHONPATH: the processes import this minivl, installed or not
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIVL_KERNELS": "reference",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(world), str(ROOT / script), *argv], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -237,7 +237,7 @@ def test_rslora_scale_and_peft_round_trip(demos, tmp_path):
         "--learning_rate", 1e-2, "--per_device_train_batch_size", 4, "--warmup_ratio", 0, "--save_steps", 2,
         "--report_to", "none", "--gradient_checkpointing", "false", "--output_dir", tmp_path])
     layers = lora.lora_layers(model)
-    assert layers and all(layer.scale == 4.0 for _, layer in layers)
+    assert layers and {layer.scale for _, layer in layers} == {4.0}
     checkpoint = tmp_path / "checkpoint-2"
     assert json.loads((checkpoint / "adapter_config.json").read_text())["use_rslora"] is True
     processor = minivl.Processor.from_pretrained(paths["model"])

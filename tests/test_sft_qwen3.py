@@ -25,7 +25,8 @@ import train_sft  # noqa: E402
 def made(tmp_path_factory):
     """The Qwen3-VL demo made by its command line, and a 32-row slice of its training data."""
     root = tmp_path_factory.mktemp("qwen3_vl") / "demo_data"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # this checkout first
+    env = {**os.environ, "PYTHONPATH": path}
     subprocess.run([sys.executable, "-m", "minivl.demo", "--family", "qwen3_vl", "--out", str(root)], check=True,
                    cwd=ROOT, env=env, capture_output=True)
     paths = demo.demo_paths(root)

@@ -35,7 +35,10 @@ def made(tmp_path_factory):
     return {**paths, "small": small}
 
 
-def test_the_qwen3_demo_is_a_qwen3_checkpoint(made):
+def test_the_qwen3_demo_is_a_qwen3_checkpoint(made, tmp_path):
+    with pytest.raises(ValueError, match="no demo of family 'qwen2_vl'"):
+        demo.make_demo(tmp_path / "other", family="qwen2_vl")
+    assert json.loads((made["root"] / "demo.json").read_text())["family"] == "qwen3_vl"
     config = json.loads((made["model"] / "config.json").read_text())
     assert config["model_type"] == "qwen3_vl" and config["text_config"]["rope_scaling"]["mrope_interleaved"]
     model = minivl.load(made["model"])

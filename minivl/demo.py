@@ -56,8 +56,8 @@ SHAPES = ("square", "circle", "triangle")
 QUESTION = "What colour is the shape?"
 IMAGE_SIZE = 56                      # 4x4 patches of 14 -> 4 merged tokens per image
 
-# the Qwen2.5-VL chat format of facts §6.1 as a Jinja template, written here for transformers (minivl renders
-# the same format in Python: processor.render_qwen2)
+# the Qwen2.5-VL chat format as a Jinja template, written here for transformers (minivl renders the same format in
+# Python: processor.render_qwen2)
 DEFAULT_SYSTEM = ("{% if loop.first and message['role'] != 'system' %}"
                   "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}")
 CHAT_TEMPLATE = (
@@ -135,8 +135,8 @@ def tokenizer_config(tok, chat_template=CHAT_TEMPLATE):
 # ------------------------------------------------------------------------------------------------- configs
 
 def model_config(tok, family=FAMILIES[0]):
-    """An official flat Qwen2.5-VL config.json (facts §2.1) at the widths of facts/demo.md, or a nested
-    Qwen3-VL one at the same widths."""
+    """An official flat Qwen2.5-VL config.json at the demo's widths (vision: 2 blocks of width 64; text: 2 layers
+    of width 128, 4 heads, 2 kv heads), or a nested Qwen3-VL one at the same widths."""
     ids = token_ids(tok)
     vocab = (tok.get_vocab_size() + 63) // 64 * 64          # room above the tokenizer, as Qwen's 151936
     if family == "qwen3_vl":

@@ -138,7 +138,6 @@ def test_a_foreign_kernels_package_is_named(tmp_path):
     (tmp_path / "kernels" / "__init__.py").write_text("")
     (tmp_path / "elsewhere").mkdir()                                      # the working directory: on no path
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this checkout, installed or not
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}   # the foreign package first
     run = subprocess.run([sys.executable, "-c", "import minivl.lora"], capture_output=True, text=True,
                          cwd=tmp_path / "elsewhere", env=env)

@@ -241,6 +241,25 @@ def token_accuracy(hidden, weight, targets, chunk=1024):
     return correct, len(t)
 
 
+def param_groups(named_trainable, lr, args):
+    """AdamW parameter groups by (learning rate, weight decay). No decay on any 1-D parameter: every bias and
+    every norm weight, whatever its name (transformers' Trainer decides by name and layer type, and so decays
+    the RMSNorm weights of Qwen2.5-VL's vision tower). LoRA+ multiplies the lr of the B matrices by
+    --lorap_lr_ratio; --vit_lr / --aligner_lr set the vision tower's and the merger's."""
+    part_lr = {"vit": args.vit_lr, "aligner": args.aligner_lr}
+    groups = {}
+    for name, p in named_trainable:
+        group_lr = part_lr.get(lora.part_of(name)) or lr
+        if ".lora_B." in name and args.lorap_lr_ratio is not None:
+            group_lr *= args.lorap_lr_ratio
+        decay = args.weight_decay if p.ndim >= 2 else 0.0
+        group = groups.setdefault((group_lr, decay), {"params": [], "names": [], "lr": group_lr,
+                                                      "weight_decay": decay})
+        group["params"].append(p)
+        group["names"].append(name)  # kept in the optimizer state: which parameters a group holds
+    return list(groups.values())
+
+
 def lr_factor(step, total, warmup, kind):
     """transformers' schedules: linear warmup, then cosine to 0, linear to 0, or constant."""
     if kind == "constant":
@@ -407,23 +426,11 @@ def main(argv=None):
             train_set, batch_sampler=epoch_batches(epoch)[start:], collate_fn=train_set.collate,
             num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed + epoch)))
 
-    # --- optimizer and schedule: AdamW in parameter groups by (learning rate, weight decay). No decay on biases
-    # and norms (transformers' rule); LoRA+ multiplies the lr of the B matrices; --vit_lr / --aligner_lr set the
-    # vision tower's and the merger's.
+    # --- optimizer and schedule
     lr = args.learning_rate or (1e-5 if train_type == "full" else 1e-4)
-    part_lr = {"vit": args.vit_lr, "aligner": args.aligner_lr}
-    groups = {}
-    for name, p in trainable:
-        group_lr = part_lr.get(lora.part_of(name)) or lr
-        if ".lora_B." in name and args.lorap_lr_ratio is not None:
-            group_lr *= args.lorap_lr_ratio
-        decay = args.weight_decay if p.ndim >= 2 else 0.0
-        group = groups.setdefault((group_lr, decay), {"params": [], "names": [], "lr": group_lr,
-                                                      "weight_decay": decay})
-        group["params"].append(p)
-        group["names"].append(name)  # kept in the optimizer state: which parameters a group holds
-    optimizer = torch.optim.AdamW(list(groups.values()), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(trainable, lr, args), lr=lr,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                  fused=device.type == "cuda")
     warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.lr_scheduler_type))

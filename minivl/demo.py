@@ -1,6 +1,7 @@
 """The embedded default: a tiny Qwen2.5-VL checkpoint, its tokenizer and a synthetic image task, made locally.
 
     python -m minivl.demo [--out demo_data] [--seed 0]
+    python -m minivl.demo --family qwen3_vl      # a tiny Qwen3-VL instead, in demo_data_qwen3_vl
 
 writes, in a few seconds and the same bytes for the same seed:
 
@@ -14,7 +15,10 @@ writes, in a few seconds and the same bytes for the same seed:
 The task, "What colour is the shape?" with four colours, is what a model of this size was measured to learn on a
 CPU in about a minute (counting is not learnable at this size). Every script uses this directory as
 its default model and data, and many tests use it as their fixture: `make_demo(dir)` returns the paths and does
-nothing when the directory is already made.
+nothing when the directory is already made. `--family qwen3_vl` makes the same task for a Qwen3-VL of the same
+widths (nested config, interleaved M-RoPE, qk-norm, a learned position grid, one DeepStack tap, 16-pixel patches:
+the 56x56 images are resized to 64x64, again 4 merged tokens) with the Qwen3-VL chat template (no default system
+prompt).
 
 What it simplifies: a vocabulary of a few hundred tokens (the token ids in config.json are the tokenizer's, not
 Qwen's 151643+), one question type, no video data.
@@ -35,6 +39,7 @@ from .processor import CLIP_MEAN, CLIP_STD
 
 DEMO_VERSION = 1
 DEFAULT_DIR = Path(os.environ.get("MINIVL_DEMO_DIR", "demo_data"))
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")                # the first is the default of every script
 
 # Qwen2/2.5-VL added tokens in id order (151643...151664): the first 14 special, the rest plain added tokens
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -51,13 +56,14 @@ SHAPES = ("square", "circle", "triangle")
 QUESTION = "What colour is the shape?"
 IMAGE_SIZE = 56                      # 4x4 patches of 14 -> 4 merged tokens per image
 
-# the Qwen2.5-VL chat format (its chat_template.json) as a Jinja template, written here for transformers (minivl renders
-# the same format in Python: processor.render_qwen2)
+# the Qwen2.5-VL chat format as a Jinja template, written here for transformers (minivl renders the same format in
+# Python: processor.render_qwen2)
+DEFAULT_SYSTEM = ("{% if loop.first and message['role'] != 'system' %}"
+                  "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}")
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    + DEFAULT_SYSTEM +
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
@@ -72,6 +78,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL Instruct's format (processor.render_qwen3) is the same without the default system prompt
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(DEFAULT_SYSTEM, "")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -114,22 +122,25 @@ def token_ids(tok):
                 image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
 
 
-def tokenizer_config(tok):
+def tokenizer_config(tok, chat_template=CHAT_TEMPLATE):
     decoder = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                          "single_word": False, "special": t in SPECIAL_TOKENS}
                for t in SPECIAL_TOKENS + ADDED_TOKENS}
     return {"tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": decoder,
             "additional_special_tokens": SPECIAL_TOKENS[1:], "bos_token": None, "eos_token": "<|im_end|>",
             "pad_token": "<|endoftext|>", "unk_token": None, "errors": "replace", "split_special_tokens": False,
-            "clean_up_tokenization_spaces": False, "model_max_length": 4096, "chat_template": CHAT_TEMPLATE}
+            "clean_up_tokenization_spaces": False, "model_max_length": 4096, "chat_template": chat_template}
 
 
 # ------------------------------------------------------------------------------------------------- configs
 
-def model_config(tok):
-    """An official flat Qwen2.5-VL config.json at the demo's tiny widths."""
+def model_config(tok, family=FAMILIES[0]):
+    """An official flat Qwen2.5-VL config.json at the demo's widths (vision: 2 blocks of width 64; text: 2 layers
+    of width 128, 4 heads, 2 kv heads), or a nested Qwen3-VL one at the same widths."""
     ids = token_ids(tok)
     vocab = (tok.get_vocab_size() + 63) // 64 * 64          # room above the tokenizer, as Qwen's 151936
+    if family == "qwen3_vl":
+        return qwen3_config(ids, vocab)
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
         "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -148,28 +159,51 @@ def model_config(tok):
     }
 
 
-def processor_configs(tok):
+def qwen3_config(ids, vocab):
+    """A nested Qwen3-VL config.json (the published layout) at the demo's widths: head_dim 32, so the
+    published mrope_section [24, 20, 20] of 64 frequencies becomes [6, 5, 5] of 16."""
+    text = {"model_type": "qwen3_vl_text", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "hidden_act": "silu",
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 5000000.0,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            "attention_bias": False, "vocab_size": vocab, "tie_word_embeddings": True,
+            "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}
+    vision = {"model_type": "qwen3_vl", "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+              "out_hidden_size": 128, "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+              "deepstack_visual_indexes": [0]}
+    return {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+            "text_config": text, "vision_config": vision, "tie_word_embeddings": True,
+            **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                   "vision_end_token_id")}}
+
+
+def processor_configs(tok, family=FAMILIES[0]):
     ids = token_ids(tok)
-    vision = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": list(CLIP_MEAN),
-              "image_std": list(CLIP_STD), "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-              "do_resize": True, "do_convert_rgb": True, "resample": 3, "processor_class": "Qwen2_5_VLProcessor"}
+    qwen3 = family == "qwen3_vl"
+    patch, mean, std = (16, [0.5] * 3, [0.5] * 3) if qwen3 else (14, list(CLIP_MEAN), list(CLIP_STD))
+    vision = {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2, "image_mean": mean,
+              "image_std": std, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "do_resize": True, "do_convert_rgb": True, "resample": 3,
+              "processor_class": "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor"}
+    # small limits keep any image cheap on a CPU: 4 to 16 merged tokens (56x56 to 112x112 pixels, or 64x64 to
+    # 128x128 with Qwen3's 16-pixel patches)
+    side = 2 * patch * 2
+    limits = {"min_pixels": side * side, "max_pixels": 4 * side * side,
+              "size": {"shortest_edge": side * side, "longest_edge": 4 * side * side}}
+    template = QWEN3_CHAT_TEMPLATE if qwen3 else CHAT_TEMPLATE
     return {
-        # small limits keep any image cheap on a CPU: 56x56 up to 112x112 pixels (4 to 16 tokens)
-        "preprocessor_config.json": {**vision, "image_processor_type": "Qwen2VLImageProcessor",
-                                     "min_pixels": 56 * 56, "max_pixels": 112 * 112,
-                                     "size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}},
-        "video_preprocessor_config.json": {**vision, "video_processor_type": "Qwen2VLVideoProcessor",
-                                           "min_pixels": 56 * 56, "max_pixels": 112 * 112,
-                                           "size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+        "preprocessor_config.json": {**vision, "image_processor_type": "Qwen2VLImageProcessor", **limits},
+        "video_preprocessor_config.json": {**vision, "video_processor_type": "Qwen2VLVideoProcessor", **limits,
                                            "fps": 2.0, "min_frames": 4, "max_frames": 16},
-        "tokenizer_config.json": tokenizer_config(tok),
-        "chat_template.json": {"chat_template": CHAT_TEMPLATE},
+        "tokenizer_config.json": tokenizer_config(tok, template),
+        "chat_template.json": {"chat_template": template},
         "generation_config.json": {"bos_token_id": ids["bos_token_id"], "pad_token_id": ids["pad_token_id"],
                                    "eos_token_id": [ids["eos_token_id"], ids["bos_token_id"]], "do_sample": False},
     }
 
 
-def make_checkpoint(model_dir, seed=0):
+def make_checkpoint(model_dir, seed=0, family=FAMILIES[0]):
     """Tokenizer, processor configs and a randomly initialised tiny model in the official layout."""
     import torch
 
@@ -180,10 +214,10 @@ def make_checkpoint(model_dir, seed=0):
     model_dir.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer()
     tok.save(str(model_dir / "tokenizer.json"))
-    for name, content in processor_configs(tok).items():
+    for name, content in processor_configs(tok, family).items():
         _write_json(model_dir / name, content)
     torch.manual_seed(seed)
-    VLModel(Config.from_dict(model_config(tok))).save_pretrained(model_dir)
+    VLModel(Config.from_dict(model_config(tok, family))).save_pretrained(model_dir)
     return model_dir
 
 
@@ -230,27 +264,33 @@ def demo_paths(out_dir):
             "test": out_dir / "data" / "test.jsonl", "images": out_dir / "data" / "images"}
 
 
-def make_demo(out_dir=DEFAULT_DIR, seed=0):
+def default_dir(family=FAMILIES[0]):
+    return DEFAULT_DIR if family == FAMILIES[0] else DEFAULT_DIR.with_name(f"{DEFAULT_DIR.name}_{family}")
+
+
+def make_demo(out_dir=DEFAULT_DIR, seed=0, family=FAMILIES[0]):
     """Make the demo in out_dir unless it is already there -> {"root", "model", "train", "test", "images"}.
 
     Built in a temporary sibling directory and renamed into place, so concurrent callers (parallel tests,
     several scripts) never see a half-made demo.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"no demo of family {family!r}: choose one of {', '.join(FAMILIES)}")
     out_dir = Path(out_dir)
-    if _is_made(out_dir, seed):
+    if _is_made(out_dir, seed, family):
         return demo_paths(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "demo.json").is_file():
         raise FileExistsError(f"{out_dir} exists and is not a minivl demo directory: remove it or choose another")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        make_checkpoint(tmp / "model", seed)
+        make_checkpoint(tmp / "model", seed, family)
         make_dataset(tmp / "data", seed)
-        _write_json(tmp / "demo.json", {"version": DEMO_VERSION, "seed": seed, "model": "model",
-                                        "train": "data/train.jsonl", "test": "data/test.jsonl"})
+        _write_json(tmp / "demo.json", {"version": DEMO_VERSION, "seed": seed, "family": family,
+                                        "model": "model", "train": "data/train.jsonl", "test": "data/test.jsonl"})
         if out_dir.exists():
-            if _is_made(out_dir, seed):          # another process finished first
+            if _is_made(out_dir, seed, family):  # another process finished first
                 return demo_paths(out_dir)
-            if (out_dir / "demo.json").is_file():    # an older demo or another seed: ours to replace
+            if (out_dir / "demo.json").is_file():    # an older demo, another seed or family: ours to replace
                 shutil.rmtree(out_dir)
             elif out_dir.is_dir():
                 out_dir.rmdir()                  # empty (checked above)
@@ -258,19 +298,21 @@ def make_demo(out_dir=DEFAULT_DIR, seed=0):
         try:
             os.rename(tmp, out_dir)
         except OSError:
-            if not _is_made(out_dir, seed):
+            if not _is_made(out_dir, seed, family):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return demo_paths(out_dir)
 
 
-def _is_made(out_dir, seed):
+def _is_made(out_dir, seed, family):
     try:
         info = json.loads((Path(out_dir) / "demo.json").read_text())
     except (OSError, ValueError):
         return False
-    return info.get("version") == DEMO_VERSION and info.get("seed") == seed
+    # demos made before there was a choice of family are Qwen2.5-VL ones
+    return (info.get("version") == DEMO_VERSION and info.get("seed") == seed
+            and info.get("family", FAMILIES[0]) == family)
 
 
 def _write_json(path, content):
@@ -279,10 +321,12 @@ def _write_json(path, content):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="directory to write (default %(default)s)")
+    parser.add_argument("--family", choices=FAMILIES, default=FAMILIES[0])
+    parser.add_argument("--out", type=Path, help=f"directory to write (default {DEFAULT_DIR}, "
+                        f"{default_dir('qwen3_vl')} for qwen3_vl)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    paths = make_demo(args.out, args.seed)
+    paths = make_demo(args.out or default_dir(args.family), args.seed, args.family)
     for key, path in paths.items():
         print(f"{key:7s} {path}")
 

@@ -130,11 +130,16 @@ def test_dropout_path_matches_fused_in_eval():
 
 def test_a_foreign_kernels_package_is_named(tmp_path):
     # Hugging Face's hub package is also imported as `kernels`; if it shadows ours, say so and what to do
+    import os
     import subprocess
     import sys
 
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("")
-    run = subprocess.run([sys.executable, "-c", "import minivl.lora"], capture_output=True, text=True, cwd=tmp_path,
-                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    (tmp_path / "elsewhere").mkdir()                                      # the working directory: on no path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this checkout, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}   # the foreign package first
+    run = subprocess.run([sys.executable, "-c", "import minivl.lora"], capture_output=True, text=True,
+                         cwd=tmp_path / "elsewhere", env=env)
     assert run.returncode != 0 and "pip uninstall kernels" in run.stderr, run.stderr[-2000:]
+    assert str(tmp_path / "kernels") in run.stderr                        # where the foreign one was found

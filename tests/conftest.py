@@ -5,6 +5,31 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers.py as a plain module
 
+
+def _import_triton_interpreted():
+    """Triton decorates its own library functions (tl.zeros, ...) when it is first imported, and they run in the
+    interpreter only if TRITON_INTERPRET was set then. Any test module may import triton first (transformers and
+    torch do, indirectly), so it is imported here, under the flag, before them; the flag is restored, and the tests
+    that launch kernels set it again (the `triton_cpu` fixture). With a GPU the kernels compile as usual."""
+    import torch
+
+    if "triton" in sys.modules or torch.cuda.is_available():
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+_import_triton_interpreted()
+
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 
 

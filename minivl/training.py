@@ -364,6 +364,8 @@ def from_llamafactory(path, stage, overrides=()):
     --cpo_alpha 0: LLaMA-Factory's SimPO has no NLL term). LLaMA-Factory averages that NLL over each chosen
     answer's tokens, then over the pairs; trl and ms-swift over all chosen tokens of the batch: the two agree
     when the chosen answers are equally long."""
+    if stage not in STAGES:
+        raise SystemExit(f"{path}: LLaMA-Factory has no {stage} stage; give this trainer ms-swift's options")
     try:
         import yaml
     except ImportError:
@@ -731,7 +733,10 @@ def step_batches(dataset, collate, batch_size, accumulation, proc, state, args):
     """Yields, step after step, this process's micro-batches of the next optimizer step as [(batch, weight)]:
     at most `accumulation` of them, never across an epoch's end. state["epoch"] / state["micro_batch"] give the
     exact data position after what was yielded (a resumed run starts there) and state["num_dropped"] counts
-    the samples a collate left out (its batch's "num_dropped", removed). A micro-batch with nothing left is
+    the samples a collate left out (its batch's "num_dropped", removed); `state` is the run's state or a dict
+    of those three keys inside it (a second data stream). A batch is whatever collate makes of a list of
+    dataset items: a dict of tensors (SFT, DPO), or a list of prompts that the trainer turns into rollouts
+    (GRPO, with accumulation 1: one micro-batch of prompts per step). A micro-batch with nothing left is
     skipped in one process; under DDP it is replaced by the last micro-batch this process ran, with weight 0,
     so every process runs the same backward passes. Each epoch has its own DataLoader with its own seeded
     generator: creating one draws nothing from the global RNG, so a resumed run stays in step."""
@@ -937,7 +942,8 @@ def check_resume(path, train_type):
 def start_state(resume, model, optimizer, scheduler, args, proc):
     """The run's position, saved in each checkpoint's trainer_state.json: a new one, or the resumed checkpoint's
     with its adapter weights (a full model's were loaded with it), optimizer, scheduler and RNG states. A
-    trainer may add keys of its own."""
+    trainer adds keys of its own with state.setdefault (a resumed value stays), e.g. a second data stream's
+    position for step_batches: state.setdefault("expert", {"epoch": 0, "micro_batch": 0, "num_dropped": 0})."""
     state = {"global_step": 0, "epoch": 0, "micro_batch": 0, "num_tokens": 0, "num_dropped": 0,
              "best_metric": None, "best_checkpoint": None}
     if resume is None:
@@ -1044,10 +1050,11 @@ class RunLog:
     """What a run reports, from the first process only: args.json, log lines (above the progress bar on a
     terminal), logging.jsonl and the trackers (MetricsLog), the bar, and at the end PNG curves (--plot_loss).
     Between two log lines it keeps each step's values: window() gives their means over the steps that had
-    them, their totals, and the seconds since the last window."""
+    them, their totals, and the seconds since the last window. `shown`: values the bar shows beside the loss."""
 
-    def __init__(self, args, output_dir, proc, state, total_steps, resume=None):
+    def __init__(self, args, output_dir, proc, state, total_steps, resume=None, shown=()):
         self.proc, self.state, self.args, self.output_dir = proc, state, args, Path(output_dir)
+        self.shown = shown
         self.metrics = self.bar = None
         self.steps, self.started = [], time.time()
         if not proc.main:
@@ -1079,7 +1086,7 @@ class RunLog:
         the bar shows values["loss"]."""
         self.steps.append(values)
         if self.bar:
-            self.bar.update(step, values.get("loss"))
+            self.bar.update(step, values.get("loss"), {name: values.get(name) for name in self.shown})
 
     def window(self):
         """(means, totals, seconds) of the values since the last window; starts a new one."""
@@ -1236,6 +1243,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.total, self.first, self.step = total, start, start
         self.started, self.drawn, self.loss, self.shown = time.time(), 0.0, None, False
+        self.values = {}  # shown after the loss, e.g. a DPO run's rewards/accuracies
         self.min_interval = min_interval
         utf = "utf" in (getattr(self.stream, "encoding", "") or "").lower()
         self.cells = ("█", "░") if utf else ("#", "-")
@@ -1250,9 +1258,10 @@ class Progress:
         left = clock((self.total - self.step) / rate)
         return f"{self.step}/{self.total}, {speed}, {clock(elapsed)} elapsed, {left} left"
 
-    def update(self, step, loss=None):
+    def update(self, step, loss=None, values=None):
         self.step = step
         self.loss = loss if loss is not None else self.loss
+        self.values.update({k: v for k, v in (values or {}).items() if v is not None})
         if self.tty and (time.time() - self.drawn >= self.min_interval or step >= self.total):
             self.draw()
 
@@ -1261,7 +1270,8 @@ class Progress:
         fill = round(20 * self.step / max(1, self.total))
         parts = self.status().split(", ")
         line = f"step {parts[0]} |{self.cells[0] * fill}{self.cells[1] * (20 - fill)}| " + " | ".join(
-            ([f"loss {self.loss:.4g}"] if self.loss is not None else []) + parts[1:])
+            ([f"loss {self.loss:.4g}"] if self.loss is not None else [])
+            + [f"{k} {v:.4g}" for k, v in self.values.items()] + parts[1:])
         self.stream.write("\r" + line[:width] + "\x1b[K")  # \x1b[K clears what a longer line left behind
         self.stream.flush()
         self.drawn, self.shown = time.time(), True

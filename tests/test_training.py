@@ -66,6 +66,9 @@ def test_a_llamafactory_sft_yaml_trains(made, tmp_path, capsys):
     losses = logged(tmp_path / "out")
     assert state["global_step"] == 6 and losses[-1] < losses[0] * 0.8, losses
     assert logged(tmp_path / "out", "eval_loss")                        # eval_steps: logging_steps
+    # the learning rate each step used: cosine from 1e-2, no warmup, over 6 steps
+    assert logged(tmp_path / "out", "learning_rate") == pytest.approx(
+        [1e-2 * training.lr_factor(s, 6, 0, "cosine") for s in range(6)])
     args = json.loads((tmp_path / "out" / "args.json").read_text())
     # LLaMA-Factory's meaning and defaults: alpha = 2 x rank, no weight decay, Adam's beta2 0.999, the cutoff
     # cuts rather than drops, image_max_pixels bounds the image
@@ -220,3 +223,22 @@ def test_video_settings_reach_the_processor(made):
     video = processor.family.video
     assert (video.max_pixels, video.fps, video.max_frames) == (16384, 1.0, 64)
     assert video.min_pixels == minivl.Processor.from_pretrained(made["model"]).family.video.min_pixels
+
+
+def test_the_bar_shows_chosen_values_beside_the_loss():
+    class Terminal:
+        encoding, written = "utf-8", []
+
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            self.written.append(text)
+
+        def flush(self):
+            pass
+
+    screen = Terminal()
+    bar = training.Progress(10, stream=screen, min_interval=0)
+    bar.update(5, 1.5, {"rewards/accuracies": 0.75, "rewards/margins": None})
+    assert screen.written[-1].startswith("\rstep 5/10 |██████████░░░░░░░░░░| loss 1.5 | rewards/accuracies 0.75 |")

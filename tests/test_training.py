@@ -114,6 +114,18 @@ def test_yaml_mistakes_are_clear_errors(made, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()                               # nothing ran, nothing written
 
 
+def test_keys_left_out_take_llamafactorys_defaults(tmp_path):
+    """A YAML trains as LLaMA-Factory would train it, not with ms-swift's defaults where the two differ."""
+    args = train_sft.parse_args([str(write_yaml(tmp_path / "min.yaml", model_name_or_path="m", dataset="d"))])
+    expected = dict(train_type="lora", target_modules=["all-linear"], lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+                    learning_rate=5e-5, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+                    lr_scheduler_type="linear", warmup_ratio=0.0, weight_decay=0.0, adam_beta2=0.999,
+                    logging_steps=500, eval_strategy="no", max_length=2048, truncation_strategy="right",
+                    dataset_dir="data", max_pixels=768 * 768, min_pixels=32 * 32, video_max_pixels=256 * 256,
+                    video_maxlen=128, gradient_checkpointing=True)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
 def test_the_dpo_keys_translate_to_ms_swift_options(tmp_path, capsys):
     base = dict(model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", stage="dpo", finetuning_type="lora",
                 dataset="rlhf_v", template="qwen2_vl", cutoff_len=2048, bf16=True)

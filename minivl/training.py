@@ -316,6 +316,8 @@ LF_HARMLESS = {
     "keeps the columns it reads", "ddp_find_unused_parameters": "DDP runs without unused parameters here",
     "dataloader_pin_memory": "batches are copied to the GPU without pinning", "print_param_status": "the "
     "trainable parameter count is printed", "include_num_input_tokens_seen": "num_tokens is always logged",
+    "compute_accuracy": "mean_token_accuracy is always logged", "use_reentrant_gc": "gradient checkpointing is "
+    "non-reentrant here", "tf32": "matmuls run in bf16 (or float32 on the CPU)",
 }
 # keys of engines minivl does not use: accepted at the values that leave them off, else what minivl does instead
 LF_ENGINES = {
@@ -335,8 +337,7 @@ LF_FIXED = {"optim": ("adamw_torch", "adamw_torch_fused", "adamw_hf"), "train_on
             "mask_history": (False,), "streaming": (False,), "mix_strategy": ("concat",),
             "predict_with_generate": (False,), "do_predict": (False,), "use_dora": (False,),
             "pissa_init": (False,), "use_galore": (False,), "use_apollo": (False,), "use_badam": (False,),
-            "use_llama_pro": (False,), "resize_vocab": (False,), "upcast_layernorm": (False,),
-            "use_reentrant_gc": (True, False), "compute_accuracy": (False, True), "tf32": (True, False, None)}
+            "use_llama_pro": (False,), "resize_vocab": (False,), "upcast_layernorm": (False,)}
 
 
 def from_llamafactory(path, stage, overrides=()):
@@ -355,7 +356,8 @@ def from_llamafactory(path, stage, overrides=()):
     first); freeze_vision_tower / freeze_multi_modal_projector / freeze_language_model -> --freeze_vit /
     --freeze_aligner / --freeze_llm (with LoRA an unfrozen projector gets adapters, as in ms-swift);
     eval_strategy steps without eval_steps evaluates every logging_steps, as transformers does; template is
-    checked against the model's family.
+    checked against the model's family. An output_dir holding a run is refused unless overwrite_output_dir or
+    resume_from_checkpoint says what to do with it (LLaMA-Factory would resume from its last checkpoint).
 
     stage: dpo (train_dpo.py): pref_loss sigmoid / hinge / ipo -> --rlhf_type dpo --loss_type, orpo and simpo
     -> --rlhf_type orpo / simpo; pref_beta -> --beta; dpo_label_smoothing -> --label_smoothing (sigmoid only,
@@ -399,7 +401,7 @@ def from_llamafactory(path, stage, overrides=()):
     if config["stage"] != stage:
         other = config["stage"]
         problems.append(
-            f"stage: {other} is run by {STAGES[other]}, not {STAGES.get(stage, stage)}" if other in STAGES else
+            f"stage: {other} is run by {STAGES[other]}, not {STAGES[stage]}" if other in STAGES else
             f"stage: {other} ({OTHER_STAGES[other]}) is not implemented in minivl: its trainers run stage: sft "
             "(train_sft.py) and stage: dpo (train_dpo.py), and GRPO (train_grpo.py, ms-swift's options)"
             if other in OTHER_STAGES else f"stage: {other} is not a LLaMA-Factory stage")

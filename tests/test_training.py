@@ -4,6 +4,7 @@ translation, and the step mechanics every trainer's loop stands on (micro-batch 
 zero-weight stand-ins under DDP, the reduction of metrics over processes).
 """
 
+import io
 import json
 import sys
 
@@ -238,19 +239,11 @@ def test_video_settings_reach_the_processor(made):
 
 
 def test_the_bar_shows_chosen_values_beside_the_loss():
-    class Terminal:
-        encoding, written = "utf-8", []
-
+    class Terminal(io.StringIO):
         def isatty(self):
             return True
-
-        def write(self, text):
-            self.written.append(text)
-
-        def flush(self):
-            pass
 
     screen = Terminal()
     bar = training.Progress(10, stream=screen, min_interval=0)
     bar.update(5, 1.5, {"rewards/accuracies": 0.75, "rewards/margins": None})
-    assert screen.written[-1].startswith("\rstep 5/10 |██████████░░░░░░░░░░| loss 1.5 | rewards/accuracies 0.75 |")
+    assert screen.getvalue().startswith("\rstep 5/10 |##########----------| loss 1.5 | rewards/accuracies 0.75 |")

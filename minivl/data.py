@@ -277,12 +277,13 @@ def load_rows(specs, system=None, need_answer=True, **source):
 
 
 def split_rows(rows, ratio, seed):
-    """(train, val): a `ratio` share of the rows, chosen with the seed, held out (split_dataset_ratio)."""
+    """(train, val): a `ratio` share of the rows, chosen with the seed, held out (split_dataset_ratio); a ratio of
+    1 or more is a number of rows (LLaMA-Factory's val_size)."""
     if not ratio:
         return rows, []
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, int(round(len(rows) * ratio)))
+    n_val = int(ratio) if ratio >= 1 else max(1, int(round(len(rows) * ratio)))
     if n_val >= len(rows):
         raise ValueError(f"split_dataset_ratio={ratio} leaves no training rows out of {len(rows)}")
     held = set(order[:n_val])

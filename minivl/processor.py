@@ -578,7 +578,7 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, min_pixels=None, max_pixels=None, max_total_pixels=None,
-                        default_system=..., use_fast=None):
+                        default_system=..., use_fast=None, video_settings=None):
         """Read a checkpoint's processor files (local directory or hub id); missing files -> family defaults.
 
         Pixel limits: the arguments here, else the MIN_PIXELS / MAX_PIXELS environment variables (as ms-swift
@@ -586,7 +586,8 @@ class Processor:
         use_fast: the image path, chosen as transformers 5's AutoProcessor chooses it. None (the default) and
         True give its torchvision processor, which transformers picks for every Qwen-VL family whenever
         torchvision is installed, whatever image_processor_type the preprocessor_config.json names; False gives
-        the PIL one.
+        the PIL one. video_settings: {fps, max_frames, min_pixels, max_pixels (per frame)} over the video
+        defaults and video_preprocessor_config.json (a trainer's --video_* options; None values are skipped).
         """
         directory = resolve(path_or_hub_id, PROCESSOR_FILES)  # the processor never needs the weights
         config = _read_json(directory, "config.json")
@@ -609,6 +610,7 @@ class Processor:
             max_pixels=int(max_pixels or (env_max and float(env_max)) or vision.max_pixels),
         )
         video = _video_settings(_read_json(directory, "video_preprocessor_config.json"), vision)
+        video = replace(video, **{k: v for k, v in (video_settings or {}).items() if v is not None})
         family = replace(family, vision=vision, video=video)
 
         if not (directory / "tokenizer.json").is_file():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import minivl
-from minivl import data, demo, lora
+from minivl import data, demo, lora, training
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -198,11 +198,11 @@ def test_options(made, tmp_path, capsys):
 def test_rotation_keeps_the_best_and_the_last(tmp_path):
     for step in (10, 20, 30, 40):
         (tmp_path / f"checkpoint-{step}").mkdir()
-    train_sft.rotate_checkpoints(tmp_path, 2, "checkpoint-20")
+    training.rotate_checkpoints(tmp_path, 2, "checkpoint-20")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-40"]
-    train_sft.rotate_checkpoints(tmp_path, 2, "checkpoint-40")
+    training.rotate_checkpoints(tmp_path, 2, "checkpoint-40")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-40"]
-    train_sft.rotate_checkpoints(tmp_path, 1, None)
+    training.rotate_checkpoints(tmp_path, 1, None)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-40"]
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import minivl
-from minivl import data, demo, lora
+from minivl import data, demo, lora, training
 from minivl.processor import IGNORE_INDEX
 from minivl.text import RMSNorm
 
@@ -163,7 +163,7 @@ def test_no_weight_decay_on_any_one_dimensional_parameter(family):
     tf = pytest.importorskip("transformers")
     model, hf = minivl_model(family)
     named = list(model.named_parameters())
-    groups = train_sft.param_groups(named, 1e-4, options("--weight_decay", 0.1))
+    groups = training.param_groups(named, 1e-4, options("--weight_decay", 0.1))
     decay = {name: g["weight_decay"] for g in groups for name in g["names"]}
     assert sorted(decay) == sorted(name for name, _ in named)                  # each parameter once
     for name, p in named:
@@ -188,8 +188,8 @@ def test_lora_plus_and_part_learning_rates():
     for p in model.model.visual.merger.parameters():
         p.requires_grad_(True)                                                 # the aligner trained in full
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = train_sft.param_groups(trainable, 1e-4, options("--lorap_lr_ratio", 16, "--vit_lr", 2e-5,
-                                                             "--aligner_lr", 3e-5))
+    groups = training.param_groups(trainable, 1e-4, options("--lorap_lr_ratio", 16, "--vit_lr", 2e-5,
+                                                            "--aligner_lr", 3e-5))
     lr = {name: g["lr"] for g in groups for name in g["names"]}
     kinds = set()
     for name, _ in trainable:
@@ -210,16 +210,16 @@ def test_lr_factor_at_warmup_middle_and_end(kind):
     # 100 steps, 10 of warmup: halfway through the warmup, its end, halfway through the decay, the end
     expected = {"cosine": [0.5, 1.0, 0.5, 0.0], "linear": [0.5, 1.0, 0.5, 0.0], "constant": [1.0] * 4,
                 "constant_with_warmup": [0.5, 1.0, 1.0, 1.0]}[kind]
-    assert [train_sft.lr_factor(s, 100, 10, kind) for s in (5, 10, 55, 100)] == pytest.approx(expected)
+    assert [training.lr_factor(s, 100, 10, kind) for s in (5, 10, 55, 100)] == pytest.approx(expected)
     if kind == "cosine":
-        assert train_sft.lr_factor(77.5, 100, 10, kind) == pytest.approx(0.5 * (1 - 2**-0.5))  # 3/4 of the way
+        assert training.lr_factor(77.5, 100, 10, kind) == pytest.approx(0.5 * (1 - 2**-0.5))  # 3/4 of the way
     tf = pytest.importorskip("transformers")
     for warmup in (0, 10):                 # every step against transformers' scheduler of the same name
         p = torch.zeros(1, requires_grad=True)
         optimizer = torch.optim.SGD([p], lr=1.0)
         scheduler = tf.get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=100)
         for step in range(101):
-            assert train_sft.lr_factor(step, 100, warmup, kind) == pytest.approx(
+            assert training.lr_factor(step, 100, warmup, kind) == pytest.approx(
                 optimizer.param_groups[0]["lr"], abs=1e-12), (warmup, step)
             optimizer.step()
             scheduler.step()

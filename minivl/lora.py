@@ -26,6 +26,7 @@ the base weight's dtype for the matmuls. Tests: tests/test_lora.py.
 Legend: N tokens, r rank, in / out the linear layer's widths.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -77,8 +78,11 @@ class LoRALinear(nn.Module):
             raise ValueError(f"init_weights must be true, false or 'gaussian', got {init_weights!r}")
         # init_weights False leaves B random too (PEFT's init_lora_weights=False): a non-identity adapter
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.disabled = False  # inside `disabled(model)`: the base layer alone (the DPO / GRPO reference)
 
     def forward(self, x):
+        if self.disabled:
+            return F.linear(x, self.weight, self.bias)
         a = self.lora_A.weight.to(self.weight.dtype)  # (r, in)
         b = self.lora_B.weight.to(self.weight.dtype)  # (out, r)
         if self.dropout is not None and self.training:
@@ -90,6 +94,8 @@ class LoRALinear(nn.Module):
     def merged_weight(self):
         """W + scale B A in the base weight's dtype, computed in float32: the layer without dropout as one weight.
         `merge` writes it back; the sampler's decode backends read it for a call (kernels/decode/)."""
+        if self.disabled:
+            return self.weight
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float()  # (out, r) @ (r, in)
         return (self.weight.float() + self.scale * delta.to(self.weight.device)).to(self.weight.dtype)
 
@@ -175,6 +181,21 @@ def inject(model, names, r, alpha, dropout=0.0, use_rslora=False, init_weights=T
 
 def lora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """The model with every adapter switched off, i.e. the base model (PEFT's `disable_adapter()`): the reference
+    of DPO and GRPO under LoRA, with no second copy of the weights. Modules trained in full (modules_to_save) stay
+    as trained: unlike PEFT, minivl keeps no copy of their original weights."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 @torch.no_grad()

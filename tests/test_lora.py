@@ -143,3 +143,23 @@ def test_a_foreign_kernels_package_is_named(tmp_path):
                          cwd=tmp_path / "elsewhere", env=env)
     assert run.returncode != 0 and "pip uninstall kernels" in run.stderr, run.stderr[-2000:]
     assert str(tmp_path / "kernels") in run.stderr                        # where the foreign one was found
+
+
+def test_disabled_adapters_give_the_base_model(tmp_path):
+    """Inside lora.disabled the model's logits are the base model's exactly (the DPO / GRPO reference), the decode
+    backends read the base weights, and the adapters come back on afterwards."""
+    from helpers import save_hf
+
+    save_hf("qwen2_5_vl", tmp_path)
+    base, model = minivl.load(tmp_path), minivl.load(tmp_path)
+    lora.inject(model, lora.select_linear(model, ["llm"]), r=4, alpha=8, init_weights=False)  # B random: not identity
+    ids = torch.tensor([[3, 7, 11, 13, 17]])
+    with torch.no_grad():
+        adapted = model(ids)
+        with lora.disabled(model):
+            off = model(ids)
+            layer = lora.lora_layers(model)[0][1]
+            assert layer.merged_weight() is layer.weight
+        back = model(ids)
+        want = base(ids)
+    assert torch.equal(off, want) and not torch.allclose(adapted, want, atol=1e-3) and torch.equal(back, adapted)

@@ -3,16 +3,17 @@
     python train_sft.py                          # the embedded demo: a tiny model learns a colour task on the CPU
     python train_sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --dataset train.jsonl --train_type lora \\
         --lora_rank 8 --lora_alpha 32 --learning_rate 1e-4 --gradient_accumulation_steps 16 --output_dir output
-    NPROC_PER_NODE=4 python train_sft.py ...      # several GPUs of one host (DDP), as ms-swift launches it
-    torchrun --nproc_per_node 4 train_sft.py ...  # the same
+    NPROC_PER_NODE=4 python train_sft.py ...      # 4 GPUs, as ms-swift launches it (hosts: NNODES, NODE_RANK..)
+    torchrun --nproc_per_node 4 train_sft.py ...  # the same; 2 hosts: --nnodes 2 --node_rank R --rdzv_endpoint ..
     python train_sft.py qwen2vl_lora_sft.yaml     # a LLaMA-Factory config (stage: sft); then key=value overrides
     python -m minivl.export --adapters output/checkpoint-100 --merge_lora true   # -> checkpoint-100-merged
 
 A `swift sft` command runs with `swift sft` replaced by `python train_sft.py`: options are spelled as in ms-swift
 (`--train_type` or the older `--sft_type`/`--tuner_type`), `MAX_PIXELS`/`MIN_PIXELS` in the environment are
 honoured, the data formats are ms-swift's (minivl/data.py). An ms-swift option minivl does not implement is an
-error naming it; options of engines minivl does not use (DeepSpeed, FSDP, vLLM, Megatron, flash-attn, Liger) say
-what minivl does instead. A LLaMA-Factory YAML is translated into those options (minivl/training.py says how).
+error naming it; options of engines minivl does not use (vLLM, Megatron, flash-attn, Liger) say what minivl does
+instead, and --deepspeed zero2|zero3|zero3_offload runs as the matching FSDP2 setting. A LLaMA-Factory YAML is
+translated into those options (minivl/training.py says how).
 
 The file reads top to bottom: arguments, model and weights, data, optimizer and schedule, the loop, saving; what
 every trainer shares (options, processes, LoRA and freezing, micro-batch order, checkpoints, logging) is
@@ -39,8 +40,13 @@ Checkpoints are written under a temporary name and renamed. `--save_total_limit 
 lowest eval loss and the latest ones, k in all. On a terminal a progress bar shows step, loss, speed and time
 left; in a log file each log line carries them.
 
-What it simplifies, compared with ms-swift: no packing or padding-free batches, no DeepSpeed/FSDP sharding (each
-GPU holds the whole model), no per-message loss scales, no versioned output
+Several GPUs (torchrun): full fine-tuning shards the model with FSDP2, LoRA replicates it with DDP (--deepspeed
+zero3 shards it too); each process reads its own rows, the global batch is per-device batch x accumulation x
+processes; only the first process logs and saves, and a checkpoint is the same files however many processes wrote
+it, so it resumes on any number of them (minivl/training.py: engine, shard).
+
+What it simplifies, compared with ms-swift: no packing or padding-free batches, no DeepSpeed (PyTorch's FSDP2
+instead), no per-message loss scales, no versioned output
 subdirectory unless --add_version true (ms-swift's default). Tests: tests/test_sft.py, tests/test_sft_cli.py.
 
 Shapes: B batch, T tokens, D LLM width, V vocabulary.
@@ -172,8 +178,8 @@ def main(argv=None):
 
     # --- model and weights
     model, processor = training.load_model(args, proc, resume)
-    trainable, modules_to_save = training.make_trainable(model, args, proc)
-    step_module = training.wrap_ddp(TokenLogprobs(model, proc.dtype), proc)
+    trainable, modules_to_save = training.make_trainable(model, args, proc)  # FSDP2: sharded here
+    step_module = training.wrap_ddp(TokenLogprobs(model, proc.dtype), proc)  # DDP when replicated
 
     # --- data
     rows, val_rows = training.load_data(args, data.load_rows)
@@ -195,20 +201,30 @@ def main(argv=None):
         """Token-averaged loss and next-token accuracy on the eval rows, over all processes."""
         model.eval()
         loss_sum = correct = counted = 0.0
-        for batch in training.eval_batches(val_set, val_set.collate, args.per_device_eval_batch_size, proc):
+        batches = training.eval_batches(val_set, val_set.collate, args.per_device_eval_batch_size, proc,
+                                        stand_ins=True)  # FSDP2: as many forwards in every process
+        for batch, weight in batches:
             with proc.autocast():
                 logp, hidden, targets = step_module(**batch)
             c, n = token_accuracy(hidden, model.lm_head.weight, targets)
-            loss_sum, correct, counted = loss_sum - float(logp.sum()), correct + c, counted + n
+            loss_sum -= float(logp.sum()) * weight
+            correct, counted = correct + c * weight, counted + n * weight
         model.train()
         return training.reduce_means({"eval_loss": (loss_sum, counted),
                                       "eval_mean_token_accuracy": (correct, counted)}, proc)
 
+    def print_exact_match(when, note=""):
+        """Greedy exact match on the first --eval_exact_match eval rows, decoded by the first process."""
+        with training.whole_model(model, proc) as whole:  # FSDP2: a whole copy, for the sampler
+            if proc.main:
+                share = exact_match(whole, processor, val_rows[:args.eval_exact_match],
+                                    args.per_device_eval_batch_size)
+                proc.print(f"held-out exact-match accuracy {when} training: {100 * share:.1f}% "
+                           f"({min(len(val_rows), args.eval_exact_match)} samples{note})")
+
     # --- the loop
-    if args.eval_exact_match and val_rows and proc.main and resume is None:
-        before = exact_match(model, processor, val_rows[:args.eval_exact_match], args.per_device_eval_batch_size)
-        proc.print(f"held-out exact-match accuracy before training: {100 * before:.1f}% "
-                   f"({min(len(val_rows), args.eval_exact_match)} samples)")
+    if args.eval_exact_match and val_rows and resume is None:
+        print_exact_match("before")
     log = training.RunLog(args, output_dir, proc, state, total_steps, resume)
     eval_every, save_every = training.intervals(args, steps_per_epoch)
     params = [p for _, p in trainable]
@@ -262,10 +278,8 @@ def main(argv=None):
     if state["num_dropped"]:
         proc.print(f"dropped {state['num_dropped']} samples longer than --max_length {args.max_length} (cutting "
                    "them would have cut through image tokens)")
-    if args.eval_exact_match and val_rows and proc.main:
-        after = exact_match(model, processor, val_rows[:args.eval_exact_match], args.per_device_eval_batch_size)
-        proc.print(f"held-out exact-match accuracy after training: {100 * after:.1f}% "
-                   f"({min(len(val_rows), args.eval_exact_match)} samples, chance for the demo: 25%)")
+    if args.eval_exact_match and val_rows:
+        print_exact_match("after", ", chance for the demo: 25%")
     proc.print(f"done in {time.time() - started:.0f} s; checkpoints in {output_dir}")
     training.finish(proc)
     return model, state

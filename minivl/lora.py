@@ -244,25 +244,28 @@ def adapter_config(model, base_model, modules_to_save=(), init_weights=True, dro
     }
 
 
-def adapter_state(model, modules_to_save=()):
-    """{PEFT key: tensor} for every adapter and every fully trained module (detached, on the CPU)."""
+def adapter_state(model, modules_to_save=(), tensors=None):
+    """{PEFT key: tensor} for every adapter and every fully trained module (detached, on the CPU), read from
+    `tensors` ({parameter name: tensor}, e.g. a sharded model's gathered whole) or the model's parameters."""
+    params = dict(model.named_parameters()) if tensors is None else tensors
     state = {}
     for name, layer in lora_layers(model):
-        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        state[f"{PREFIX}{name}.lora_A.weight"] = params[f"{name}.lora_A.weight"]
+        state[f"{PREFIX}{name}.lora_B.weight"] = params[f"{name}.lora_B.weight"]
     for module_name in modules_to_save:
-        for pname, p in model.get_submodule(module_name).named_parameters():
-            state[f"{PREFIX}{module_name}.{pname}"] = p
+        for pname, _ in model.get_submodule(module_name).named_parameters():
+            state[f"{PREFIX}{module_name}.{pname}"] = params[f"{module_name}.{pname}"]
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_adapter(model, directory, base_model=None, modules_to_save=(), config=None):
-    """adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes them."""
+def save_adapter(model, directory, base_model=None, modules_to_save=(), config=None, tensors=None):
+    """adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes them (`tensors`: see
+    adapter_state)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = config or adapter_config(model, base_model, modules_to_save)
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(adapter_state(model, modules_to_save), tmp, metadata={"format": "pt"})
+    save_file(adapter_state(model, modules_to_save, tensors), tmp, metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
     os.replace(tmp, directory / ADAPTER_WEIGHTS)
     (directory / (ADAPTER_CONFIG + ".tmp")).write_text(json.dumps(config, indent=2) + "\n")
@@ -351,7 +354,12 @@ def load_adapter_tensors(model, directory):
             if tensor.shape != params[name].shape:
                 raise ValueError(f"{path}: {key} has shape {list(tensor.shape)}, "
                                  f"the model {list(params[name].shape)}")
-            params[name].copy_(tensor)
+            param = params[name]
+            if hasattr(param, "device_mesh"):  # an FSDP2 shard (DTensor): this process copies its own slice
+                from torch.distributed.tensor import distribute_tensor
+                tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements,
+                                           src_data_rank=None)
+            param.copy_(tensor)
             loaded.add(name)
     expected = {f"{n}.lora_{ab}.weight" for n, _ in lora_layers(model) for ab in "AB"}
     missing = sorted(expected - loaded)

@@ -69,6 +69,10 @@ class VLModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.eos_token_ids = None  # where minivl.generate stops by default; checkpoint.load sets it
+        # several processes (training.shard, training.wrap_ddp): the vision tower runs in every forward, for
+        # the images and for the videos, on a dummy image when there are none (FSDP gathers its weights in
+        # each run; DDP waits for a gradient of each trained parameter)
+        self.vision_in_every_forward = False
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if init:
@@ -105,9 +109,18 @@ class VLModel(nn.Module):
         return self.lm_head.weight.device
 
     def _scatter(self, embeds, input_ids, token_id, pixels, grid_thw, name, trace):
-        """Replace the embeddings of `token_id` positions with the vision features of `pixels`, in order."""
+        """Replace the embeddings of `token_id` positions with the vision features of `pixels`, in order. With
+        pixels None (vision_in_every_forward), the tower runs on a dummy image and its output is added times 0:
+        every process then runs the same modules, with the same collectives, whatever its batch holds."""
         # a frozen tower runs without autograd: no graph and no saved activations (ms-swift PR #10214)
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.visual.parameters())
+        if pixels is None:
+            v, m = self.cfg.vision, self.cfg.vision.spatial_merge_size
+            pixels = embeds.new_zeros(m * m, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
+            with torch.set_grad_enabled(trains):  # the smallest image: one merged token of m x m patches
+                features, deepstack = self.model.visual(pixels.to(self.dtype), torch.tensor([[1, m, m]]))
+            unused = features.sum() + sum(level.sum() for level in deepstack)  # DeepStack mergers too
+            return embeds + 0.0 * unused.to(embeds.dtype), torch.zeros_like(input_ids, dtype=torch.bool), []
         with torch.set_grad_enabled(trains):
             features, deepstack = self.model.visual(pixels.to(self.dtype), grid_thw, trace=trace)  # (M, D)
         mask = input_ids == token_id  # (B, T)
@@ -126,10 +139,10 @@ class VLModel(nn.Module):
         cfg = self.cfg
         embeds = self.model.language_model.embed_tokens(input_ids)  # (B, T, D)
         visual_mask, deepstack = torch.zeros_like(input_ids, dtype=torch.bool), []
-        if pixel_values is not None:
+        if pixel_values is not None or self.vision_in_every_forward:
             embeds, visual_mask, deepstack = self._scatter(embeds, input_ids, cfg.image_token_id, pixel_values,
                                                            image_grid_thw, "image", trace)
-        if pixel_values_videos is not None:
+        if pixel_values_videos is not None or self.vision_in_every_forward:
             embeds, video_mask, video_deepstack = self._scatter(embeds, input_ids, cfg.video_token_id,
                                                                 pixel_values_videos, video_grid_thw, "video", trace)
             deepstack = _merge_deepstack(visual_mask, deepstack, video_mask, video_deepstack)
@@ -160,14 +173,15 @@ class VLModel(nn.Module):
             trace("logits", logits)
         return logits
 
-    def save_pretrained(self, directory, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, directory, max_shard_bytes=5 * 2**30, tensors=None):
         """config.json and safetensors shards with the official names and layout. Files are written under temporary
-        names and renamed at the end, so an interrupted save never leaves a half-written checkpoint in place."""
+        names and renamed at the end, so an interrupted save never leaves a half-written checkpoint in place.
+        `tensors`: the state dict to write (default: the model's own), e.g. a sharded model's, gathered."""
         cfg = self.cfg
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, p in self.state_dict().items():
+        state, tensors = self.state_dict() if tensors is None else tensors, {}
+        for name, p in state.items():
             if cfg.tie_word_embeddings and name == "lm_head.weight":
                 continue
             tensors[module_to_file_name(name, cfg.family)] = p.detach().to("cpu").contiguous()
@@ -209,8 +223,8 @@ class VLModel(nn.Module):
 def _merge_deepstack(image_mask, image_features, video_mask, video_features):
     """Qwen3-VL with images and videos in one batch: one (n_visual, D) feature per level whose rows follow the
     visual positions in sequence order, image rows from the image mergers and video rows from the video ones."""
-    if not image_features:
-        return video_features
+    if not image_features or not video_features:  # one of them Qwen2/2.5 or a dummy pass: nothing to merge
+        return image_features or video_features
     visual = image_mask | video_mask  # (B, T)
     is_image = image_mask[visual]  # (n_visual,)
     merged = []

@@ -35,6 +35,7 @@ preference pairs, GRPO prompts. Tests: tests/test_sft_cli.py, tests/test_trainin
 
 import argparse
 import contextlib
+import datetime
 import difflib
 import importlib.util
 import json
@@ -47,6 +48,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,18 +59,15 @@ from torch import nn
 
 from . import checkpoint, lora
 from .data import split_rows
+from .model import VLModel
 from .processor import PROCESSOR_FILES, Processor
 
 # ----------------------------------------------------------------------------------------------- options
 
 # ms-swift options of engines minivl does not use, and what minivl does instead (a trainer adds its own)
 ENGINES = {
-    "deepspeed": "minivl has no DeepSpeed: it trains on one GPU, or on several through torchrun (DDP), each GPU "
-                 "holding the whole model; to fit, use --train_type lora, --gradient_checkpointing true, or a "
-                 "smaller --per_device_train_batch_size",
-    "fsdp": "minivl has no FSDP: DDP through torchrun, each GPU holding the whole model (see --deepspeed)",
     "infer_backend": "minivl has no inference engines: minivl.generate is its sampler",
-    "megatron": "minivl has no Megatron: DDP through torchrun",
+    "megatron": "minivl has no Megatron: FSDP2 or DDP through torchrun (--deepspeed says which)",
     "attn_impl": "minivl always uses PyTorch SDPA (flash kernels when a batch has no padding)",
     "use_liger_kernel": "the loss already goes through minivl's fused lm_head + log-prob kernel: no logits exist",
     "packing": "minivl pads each micro-batch (right padding); there is no packing or padding-free mode",
@@ -159,6 +158,12 @@ def build_parser(description):
     a("--gradient_checkpointing", **flag, default=True)
     a("--vit_gradient_checkpointing", **flag, help="default: --gradient_checkpointing")
     a("--dataloader_num_workers", type=int, default=0)
+    # several GPUs (torchrun): full fine-tuning shards the model (FSDP2), LoRA replicates it (DDP); see engine()
+    a("--deepspeed", help="zero0, zero1, zero2, zero2_offload, zero3, zero3_offload, or a DeepSpeed config .json: "
+                          "runs as the FSDP2 setting that matches (default: zero3 for full, zero0 for LoRA)")
+    a("--fsdp", nargs="+", help="transformers' words: full_shard, shard_grad_op, offload, no_shard (auto_wrap: "
+                                "one unit per layer is what minivl always does)")
+    a("--ddp_timeout", type=int, default=1800, help="seconds a process waits for the others in a collective")
     # evaluation, logging, saving
     a("--eval_strategy", "--evaluation_strategy", dest="eval_strategy", choices=["steps", "epoch", "no"],
       default="steps")
@@ -290,7 +295,8 @@ LF_OPTIONS = {
     "save_strategy": "save_strategy", "save_steps": "save_steps", "save_total_limit": "save_total_limit",
     "save_only_model": "save_only_model", "eval_strategy": "eval_strategy",
     "evaluation_strategy": "eval_strategy", "eval_steps": "eval_steps", "plot_loss": "plot_loss",
-    "resume_from_checkpoint": "resume_from_checkpoint", "report_to": "report_to",
+    "resume_from_checkpoint": "resume_from_checkpoint", "report_to": "report_to", "deepspeed": "deepspeed",
+    "fsdp": "fsdp", "ddp_timeout": "ddp_timeout",
 }
 # LLaMA-Factory's defaults (and those of transformers' TrainingArguments) where minivl's, which are ms-swift's,
 # differ: a YAML that leaves a key out trains as LLaMA-Factory would
@@ -309,7 +315,7 @@ LF_HARMLESS = {
     "do_train": "minivl's trainers train", "do_eval": "minivl evaluates on val_size / eval_dataset rows",
     "trust_remote_code": "minivl runs its own model code", "overwrite_cache": "minivl keeps no data cache",
     "preprocessing_num_workers": "samples are encoded by the DataLoader (dataloader_num_workers)",
-    "ddp_timeout": "the process group keeps torch's default timeout", "use_fast_tokenizer": "tokenizer.json "
+    "use_fast_tokenizer": "tokenizer.json "
     "is read with the tokenizers library", "low_cpu_mem_usage": "weights load straight into the model",
     "logging_first_step": "minivl logs every logging_steps steps", "run_name": "trackers name the run after "
     "output_dir", "save_safetensors": "minivl always writes safetensors", "remove_unused_columns": "minivl "
@@ -321,7 +327,6 @@ LF_HARMLESS = {
 }
 # keys of engines minivl does not use: accepted at the values that leave them off, else what minivl does instead
 LF_ENGINES = {
-    "deepspeed": ((), ENGINES["deepspeed"]), "fsdp": (("",), ENGINES["fsdp"]),
     "flash_attn": (("auto", "sdpa", "disabled"), ENGINES["attn_impl"]),
     "enable_liger_kernel": ((False,), ENGINES["use_liger_kernel"]),
     "use_unsloth": ((False,), "minivl has no Unsloth: its own kernels and gradient checkpointing"),
@@ -329,7 +334,7 @@ LF_ENGINES = {
     "quantization_bit": ((), ENGINES["quant_bits"]), "packing": ((False,), ENGINES["packing"]),
     "neat_packing": ((False,), ENGINES["packing"]),
     "infer_backend": (("huggingface", "hf"), ENGINES["infer_backend"]),
-    "use_kt": ((False,), "minivl has no KTransformers: DDP through torchrun"),
+    "use_kt": ((False,), "minivl has no KTransformers: FSDP2 or DDP through torchrun"),
     "use_mca": ((False,), ENGINES["megatron"]), "use_megatron_bridge": ((False,), ENGINES["megatron"]),
 }
 # keys whose other values minivl does not implement: accepted at the value given here
@@ -493,17 +498,19 @@ def note(text):
         print(text, flush=True)
 
 
-# --------------------------------------------------------------------------------------- processes, DDP
+# ---------------------------------------------------------------------------------- processes, FSDP2, DDP
 
 @dataclass
 class Process:
-    """This process: its rank among `world` processes (one per GPU under torchrun), its device, and the dtype
-    the matmuls run in."""
+    """This process: its rank among `world` processes (one per GPU under torchrun), its device, the dtype the
+    matmuls run in, and how the model is spread over the processes: `fsdp` holds FSDP2's settings
+    {"reshard_after_forward", "offload"} when it is sharded, None when each process holds all of it (DDP)."""
     device: torch.device
     dtype: torch.dtype
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    fsdp: dict | None = None
 
     @property
     def main(self):
@@ -529,7 +536,8 @@ class Process:
 
 def init_process(args):
     """One process per GPU under torchrun (the NCCL process group; gloo on the CPU), else one process on GPU 0
-    or the CPU. Seeds torch and random with --seed; --torch_dtype (default bf16 on a GPU, float32 on the CPU)."""
+    or the CPU. Seeds torch and random with --seed; --torch_dtype (default bf16 on a GPU, float32 on the CPU);
+    the engine (engine()), said in one line. A collective waits --ddp_timeout seconds for the other processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -540,25 +548,147 @@ def init_process(args):
     dtype = getattr(torch, args.torch_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if dtype == torch.float16:
         raise SystemExit("--torch_dtype float16 is not supported for training (no loss scaling): use bfloat16")
+    fsdp, line = engine(args.train_type, args.deepspeed, args.fsdp, world)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=args.ddp_timeout))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    return Process(device, dtype, rank, local_rank, world)
+    proc = Process(device, dtype, rank, local_rank, world, fsdp)
+    if line:
+        proc.print(line)
+    return proc
+
+
+def engine(train_type, deepspeed=None, fsdp=None, world=1):
+    """(FSDP2's settings or None, the line that says what runs). The rule: over several processes, full
+    fine-tuning shards the model with FSDP2 (zero3: parameters, gradients and optimizer state, each decoder
+    layer and vision block gathered for its forward and backward); LoRA replicates the frozen model with DDP
+    (zero0). ms-swift's --deepspeed (a name or a DeepSpeed config file) and transformers' --fsdp choose
+    otherwise, as the FSDP2 setting that matches: zero1 / zero2 / shard_grad_op keep each gathered layer until
+    its backward (reshard_after_forward=False; FSDP2 always shards gradients too); _offload / offload keep the
+    shards and the optimizer step on the CPU (CPUOffloadPolicy)."""
+    stage, offload, asked = (3 if train_type == "full" else 0), False, None
+    if deepspeed:
+        asked = f"--deepspeed {deepspeed}"
+        stage, offload = deepspeed_stage(deepspeed)
+    if fsdp and any(fsdp):
+        if deepspeed:
+            raise SystemExit(f"--deepspeed {deepspeed} and --fsdp {' '.join(fsdp)}: give one of them")
+        words = " ".join(fsdp).replace(",", " ").split()
+        unknown = sorted(set(words) - set(FSDP_WORDS))
+        if unknown:
+            raise SystemExit(f"--fsdp {' '.join(fsdp)}: {', '.join(unknown)} is not one of "
+                             f"{', '.join(FSDP_WORDS)}")
+        asked = f"--fsdp {' '.join(fsdp)}"
+        stage = min([FSDP_WORDS[w] for w in words if FSDP_WORDS[w] is not None] or [3])
+        offload = "offload" in words
+    if world == 1:
+        return None, (f"{asked}: one process, nothing to shard" if asked else None)
+    settings = {"reshard_after_forward": stage == 3, "offload": offload} if stage else None
+    what = (f"FSDP2 over {world} processes: parameters, gradients and optimizer state sharded"
+            + ("; each layer gathered for its forward and again for its backward" if stage == 3 else
+               "; each layer kept gathered from its forward to its backward (reshard_after_forward=False)")
+            + ("; shards and the optimizer step on the CPU (CPUOffloadPolicy)" if offload else "")
+            if settings else f"DDP over {world} processes: each holds the whole model, gradients averaged")
+    return settings, f"{asked or '--train_type ' + train_type}: {what}"
+
+
+# transformers' --fsdp words and the ZeRO stage each matches (None: no say on the stage)
+FSDP_WORDS = {"full_shard": 3, "hybrid_shard": 3, "shard_grad_op": 2, "hybrid_shard_zero2": 2, "no_shard": 0,
+              "offload": None, "auto_wrap": None}
+
+
+def deepspeed_stage(value):
+    """(ZeRO stage, offload) of ms-swift's --deepspeed: a DeepSpeed config file (its zero_optimization stage and
+    offload_* devices), or a name such as zero3_offload, default-zero2 or ds_z3_config.json."""
+    if Path(value).is_file():
+        try:
+            zero = json.loads(Path(value).read_text()).get("zero_optimization", {})
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise SystemExit(f"--deepspeed {value}: not a DeepSpeed JSON config ({e})") from None
+        offload = any((zero.get(k) or {}).get("device") in ("cpu", "nvme")
+                      for k in ("offload_param", "offload_optimizer"))
+        return int(zero.get("stage", 0)), offload
+    found = re.search(r"z(?:ero)?[-_]?([0-3])", Path(value).name)
+    if not found:
+        raise SystemExit(f"--deepspeed {value}: no such file, and not a name minivl reads (zero0, zero1, zero2, "
+                         "zero2_offload, zero3, zero3_offload, or a DeepSpeed config .json)")
+    return int(found.group(1)), "offload" in value
+
+
+def shard(model, proc):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over all processes: one unit per vision block and per decoder
+    layer, then the whole model for the rest (embeddings, norms, mergers, lm_head). Each unit's weights are
+    gathered for its forward (and again for its backward with reshard_after_forward) and its gradients
+    reduce-scattered, so each process keeps 1/world of the weights, gradients and optimizer state. On the GPU
+    they are gathered in bf16 and the gradients reduced in float32 (MixedPrecisionPolicy); on the CPU all is
+    float32. The whole model's unit is the root: it is not resharded after a forward, so after
+    model.hidden_states (made an FSDP forward here) model.lm_head.weight is the whole weight, for the fused
+    log-prob kernel. Every process then runs the vision tower in every forward (vision_in_every_forward).
+    The parameters become DTensors: the optimizer takes them from the model afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+
+    low = proc.dtype if proc.dtype != torch.float32 else None
+    settings = dict(mesh=init_device_mesh(proc.device.type, (proc.world,)),
+                    mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None),
+                    offload_policy=CPUOffloadPolicy(pin_memory=proc.device.type == "cuda") if proc.fsdp["offload"]
+                    else OffloadPolicy())
+    for unit in [*model.model.visual.blocks, *model.model.language_model.layers]:
+        fully_shard(unit, reshard_after_forward=proc.fsdp["reshard_after_forward"], **settings)
+    fully_shard(model, **settings)  # the root: FSDP2 keeps it gathered from its forward to its backward
+    register_fsdp_forward_method(model, "hidden_states")  # the trainers' forward: gathers the root's weights
+    model.vision_in_every_forward = True
+    return model
+
+
+@contextlib.contextmanager
+def whole_model(model, proc):
+    """Inside: the model whole on every process, for work that runs other forwards in each process, or in one
+    only: the sampler, whose decode loop stops when its rows are done and reads weights outside the forward
+    (kernels/decode). A sharded model yields a plain copy in the compute dtype (LoRA folded into the weights),
+    built from its gathered shards and freed at the end: FSDP2's own forward would gather weights from all
+    processes at every step. A model that is not sharded is itself. Every process enters it."""
+    if not proc.fsdp:
+        yield model
+        return
+    # each gather a collective, in the same order everywhere
+    state = {name: whole_tensor(t).detach().to(proc.dtype) for name, t in model.state_dict().items()}
+    for name, layer in lora.lora_layers(model):  # W + scale B A, as lora.merge computes it
+        a, b = state.pop(f"{name}.lora_A.weight"), state.pop(f"{name}.lora_B.weight")
+        weight = state[f"{name}.weight"]
+        state[f"{name}.weight"] = (weight.float() + layer.scale * (b.float() @ a.float())).to(weight.dtype)
+    with torch.device("meta"):
+        whole = VLModel(model.cfg, init=False)
+    whole.load_state_dict(state, assign=True)
+    whole.tie_weights()
+    whole.eos_token_ids = model.eos_token_ids
+    try:
+        yield whole.eval().requires_grad_(False)
+    finally:
+        del whole, state
 
 
 def wrap_ddp(module, proc):
-    """What the optimizer step's gradients flow through: DDP over the processes (each holds the whole model,
-    gradients are averaged in the backward of the last micro-batch of a step), or the module itself."""
-    if proc.world == 1:
+    """What the optimizer step's gradients flow through: DDP over the processes when each holds the whole model
+    (gradients averaged in the backward of the last micro-batch of a step; the vision tower then runs in every
+    forward if it trains, so each trained parameter gets a gradient everywhere), else the module itself (one
+    process, or a model that make_trainable sharded with FSDP2)."""
+    if proc.world == 1 or proc.fsdp:
         return module
+    for m in module.modules():
+        if isinstance(m, VLModel):
+            m.vision_in_every_forward = any(p.requires_grad for p in m.model.visual.parameters())
     return nn.parallel.DistributedDataParallel(module, device_ids=[proc.local_rank]
                                                if proc.device.type == "cuda" else None)
 
 
 def grad_sync(module, sync):
     """Around a micro-batch's forward and backward: DDP's no_sync unless `sync` (the step's last micro-batch),
-    so gradients are all-reduced once per optimizer step."""
+    so gradients are all-reduced once per optimizer step. FSDP2 reduce-scatters after every micro-batch: a
+    whole gradient kept across micro-batches would cost every process the whole model's gradients."""
     if sync or not isinstance(module, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return module.no_sync()
@@ -592,17 +722,35 @@ def relaunch_under_torchrun(script, argv):
 
 
 def launch(main, script):
-    """A trainer's `if __name__ == "__main__"`: under torchrun when NPROC_PER_NODE asks for it, then main()."""
+    """A trainer's `if __name__ == "__main__"`: under torchrun when NPROC_PER_NODE asks for it, then main().
+    Under torchrun, a process that fails prints `rank R: <the error>` and exits at once with a non-zero status:
+    torchrun then stops the other processes of its node, and those of other nodes fail in their next collective
+    (at the latest after --ddp_timeout). Checkpoints are renamed into place only once whole, so the last good
+    one stays."""
     relaunch_under_torchrun(script, sys.argv[1:])
-    main()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # DDP's reducer keeps the process group, and its gloo/NCCL threads, alive after destroy_process_group
-        # (torch 2.13: the threads are still there after `del` and gc). A thread that touches Python while the
-        # interpreter shuts down aborts the process now and then ("terminate called without an active
-        # exception", about 1 run in 100 here). Everything is written and closed by now: skip the shutdown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return main()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    status, rank = 0, os.environ.get("RANK", "0")
+    try:
+        record(main)()  # the traceback also goes to torchrun's error file: its summary names the root cause
+    except SystemExit as e:  # a clear error (or argparse's, already printed with its status)
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if e.code is not None and not isinstance(e.code, int):
+            print(f"rank {rank}: {e.code}", file=sys.stderr)
+    except BaseException as e:
+        status = 1
+        traceback.print_exc()
+        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
+    # DDP's reducer keeps the process group, and its gloo/NCCL threads, alive after destroy_process_group
+    # (torch 2.13: the threads are still there after `del` and gc). A thread that touches Python while the
+    # interpreter shuts down aborts the process now and then ("terminate called without an active
+    # exception", about 1 run in 100 here); a failed process may be stuck in a collective's thread.
+    # Everything is written and closed by now: skip the shutdown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def on_rank0(fn, *args):
@@ -643,8 +791,9 @@ def load_model(args, proc, resume=None):
                          f"its template is {' or '.join(names)} (minivl formats conversations with the "
                          "checkpoint's own chat template and only checks the name)")
     full_resume = resume is not None and args.train_type == "full"
+    # a model to shard loads on the CPU: each GPU then receives only its shard (shard())
     model = checkpoint.load(resume if full_resume else args.model, dtype=None if full_resume else proc.dtype,
-                        device=proc.device)
+                            device=torch.device("cpu") if proc.fsdp else proc.device)
     return model, processor
 
 
@@ -653,7 +802,8 @@ def make_trainable(model, args, proc):
     lora puts adapters on their linear layers (--target_modules / --target_regex); lora_llm puts them on the
     LLM and trains the unfrozen vision parts in full (PEFT's modules_to_save). Trained parameters become
     float32 master weights; gradient checkpointing is set per tower (a frozen vision tower runs under no_grad
-    and needs none). Returns ([(name, parameter)] that train, the module names trained in full next to LoRA)."""
+    and needs none); under FSDP2 the model is then sharded (shard()). Returns ([(name, parameter)] that train,
+    the module names trained in full next to LoRA)."""
     unfrozen = [part for part, frozen in (("llm", args.freeze_llm), ("vit", args.freeze_vit),
                                           ("aligner", args.freeze_aligner)) if not frozen]
     for p in model.parameters():
@@ -687,6 +837,9 @@ def make_trainable(model, args, proc):
     model.train()
     n_train = sum(p.numel() for _, p in trainable)
     n_all = sum(p.numel() for p in model.parameters())
+    if proc.fsdp:  # --- distributed: the parameters become this process's shards (DTensors)
+        shard(model, proc)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     proc.print(f"model {args.model} ({model.cfg.model_type}), {args.train_type}, trainable {n_train / 1e6:.3f} M "
                f"of {n_all / 1e6:.3f} M parameters ({100 * n_train / n_all:.2f}%), {proc.dtype}, {proc.device}, "
                f"world {proc.world}")
@@ -734,15 +887,25 @@ def count_steps(n_rows, batch_size, accumulation, proc, args):
 def step_batches(dataset, collate, batch_size, accumulation, proc, state, args):
     """Yields, step after step, this process's micro-batches of the next optimizer step as [(batch, weight)]:
     at most `accumulation` of them, never across an epoch's end. state["epoch"] / state["micro_batch"] give the
-    exact data position after what was yielded (a resumed run starts there) and state["num_dropped"] counts
-    the samples a collate left out (its batch's "num_dropped", removed); `state` is the run's state or a dict
-    of those three keys inside it (a second data stream). A batch is whatever collate makes of a list of
-    dataset items: a dict of tensors (SFT, DPO), or a list of prompts that the trainer turns into rollouts
-    (GRPO, with accumulation 1: one micro-batch of prompts per step). A micro-batch with nothing left is
-    skipped in one process; under DDP it is replaced by the last micro-batch this process ran, with weight 0,
-    so every process runs the same backward passes. Each epoch has its own DataLoader with its own seeded
-    generator: creating one draws nothing from the global RNG, so a resumed run stays in step."""
+    exact data position after what was yielded, and state["epoch_samples"] the same position in rows of the
+    epoch over all processes, from which a run with another number of processes (or per-device batch)
+    resumes; state["num_dropped"] counts the samples a collate left out (its batch's "num_dropped", removed).
+    `state` is the run's state or a dict of those keys inside it (a second data stream). A batch is whatever
+    collate makes of a list of dataset items: a dict of tensors (SFT, DPO), or a list of prompts that the
+    trainer turns into rollouts (GRPO, with accumulation 1: one micro-batch of prompts per step). A micro-batch
+    with nothing left is skipped in one process; over several processes it is replaced by the last micro-batch
+    this process ran, with weight 0, so every process runs the same forward and backward passes. Each epoch
+    has its own DataLoader with its own seeded generator: creating one draws nothing from the global RNG, so a
+    resumed run stays in step."""
     micro_per_epoch = len(epoch_batches(len(dataset), batch_size, proc, args.seed, 0))
+    per_micro = batch_size * proc.world  # rows of one micro-batch over all processes
+    done = state.setdefault("epoch_samples", state["micro_batch"] * per_micro)
+    if done % per_micro:
+        raise SystemExit(f"the checkpoint stopped after {done} rows of epoch {state['epoch']}, which micro-"
+                         f"batches of {per_micro} rows ({batch_size} per device x {proc.world} processes) do "
+                         "not reach: resume with a per-device batch and number of processes whose product "
+                         "divides it")
+    state["micro_batch"] = done // per_micro
 
     def loader(epoch, start):
         return iter(torch.utils.data.DataLoader(
@@ -758,15 +921,16 @@ def step_batches(dataset, collate, batch_size, accumulation, proc, state, args):
             if batch is None:
                 if micro:
                     break
-                state["epoch"], state["micro_batch"] = state["epoch"] + 1, 0
+                state["epoch"], state["micro_batch"], state["epoch_samples"] = state["epoch"] + 1, 0, 0
                 batches = loader(state["epoch"], 0)
                 continue
             state["micro_batch"] += 1
+            state["epoch_samples"] += per_micro
             if isinstance(batch, dict):
                 state["num_dropped"] += batch.pop("num_dropped", 0)
             micro.append(batch)
         if state["micro_batch"] >= micro_per_epoch:
-            state["epoch"], state["micro_batch"] = state["epoch"] + 1, 0
+            state["epoch"], state["micro_batch"], state["epoch_samples"] = state["epoch"] + 1, 0, 0
             batches = loader(state["epoch"], 0)
         weighted = []
         for batch in micro:
@@ -782,16 +946,27 @@ def step_batches(dataset, collate, batch_size, accumulation, proc, state, args):
         yield weighted
 
 
-def eval_batches(dataset, collate, batch_size, proc):
+def eval_batches(dataset, collate, batch_size, proc, stand_ins=False):
     """This process's share of the eval rows (every world-th), collated batch_size at a time, on its device;
-    batches with nothing left (all samples dropped) are skipped."""
+    batches with nothing left (all samples dropped) are skipped. stand_ins=True yields (batch, weight) pairs,
+    the same number in every process: a batch with nothing left, and each batch a process has fewer than the
+    others, is a stand-in of weight 0 (its last batch, or one of the first rows), as FSDP2 needs: there every
+    forward gathers weights from all processes."""
     mine = list(range(len(dataset)))[proc.rank::proc.world]
-    for i in range(0, len(mine), batch_size):
-        batch = collate([dataset[j] for j in mine[i:i + batch_size]])
+    rounds = math.ceil(math.ceil(len(dataset) / proc.world) / batch_size)  # the most any process has
+    last = None
+    for i in range(0, rounds * batch_size if stand_ins else len(mine), batch_size):
+        rows = mine[i:i + batch_size]
+        batch = collate([dataset[j] for j in rows]) if rows else {}
         if isinstance(batch, dict):
             batch.pop("num_dropped", None)
         if batch:
-            yield to_device(batch, proc.device)
+            last = batch = to_device(batch, proc.device)
+            yield (batch, 1.0) if stand_ins else batch
+        elif stand_ins:
+            if last is None:  # nothing of its own yet: the first batch of the data set, uncounted
+                last = next(eval_batches(dataset, collate, batch_size, Process(proc.device, proc.dtype)))
+            yield last, 0.0
 
 
 def to_device(batch, device):
@@ -842,7 +1017,7 @@ def make_optimizer(trainable, args, total_steps, proc):
     lr = args.learning_rate or (1e-5 if args.train_type == "full" else 1e-4)
     optimizer = torch.optim.AdamW(param_groups(trainable, lr, args), lr=lr,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                  fused=proc.device.type == "cuda")
+                                  fused=all(p.is_cuda for _, p in trainable))  # CPU offload: on the CPU
     warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, args.lr_scheduler_type))
@@ -952,8 +1127,9 @@ def start_state(resume, model, optimizer, scheduler, args, proc):
         return state
     if args.train_type != "full":
         lora.load_adapter_tensors(model, resume)
-    saved = torch.load(resume / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    # mmap: processes on one machine share the file's pages; each copies its shard only
+    saved = torch.load(resume / "training_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    load_optimizer(model, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["torch"])
     if proc.device.type == "cuda" and saved["rng"].get("cuda") is not None:
@@ -989,20 +1165,25 @@ def save_checkpoint(model, args, state, optimizer, scheduler, proc, output_dir, 
     the processor files, training_state.pt (optimizer, scheduler, RNG: not with --save_only_model),
     trainer_state.json (the data position), args.json. Written by the first process under a temporary name,
     then renamed; `metric` (an eval result of this step) marks the best checkpoint, which --save_total_limit
-    keeps. Every process calls it; the others wait until it is written."""
+    keeps. Every process calls it: a sharded model's weights and optimizer state are gathered whole (the same
+    files as from one process), the others wait until it is written."""
     step = state["global_step"]
     best = state["best_metric"]
     if metric is not None and (best is None or (metric > best if greater_is_better else metric < best)):
         state["best_metric"], state["best_checkpoint"] = metric, f"checkpoint-{step}"
+    full = args.train_type == "full"
+    tensors = whole_tensors(model.state_dict() if full else
+                            {n: p for n, p in model.named_parameters() if p.requires_grad}, proc)
+    optimizer_state = None if args.save_only_model else whole_optimizer_state(model, optimizer)
     if proc.main:
         name = f"checkpoint-{step}"
         final, tmp = output_dir / name, output_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        if args.train_type == "full":
-            model.save_pretrained(tmp)
+        if full:
+            model.save_pretrained(tmp, tensors=tensors)
         else:
             config = lora.adapter_config(model, args.model, modules_to_save, args.init_weights, args.lora_dropout,
                                          args.use_rslora)
-            lora.save_adapter(model, tmp, modules_to_save=modules_to_save, config=config)
+            lora.save_adapter(model, tmp, modules_to_save=modules_to_save, config=config, tensors=tensors)
         source = checkpoint.resolve(args.model)
         for f in PROCESSOR_FILES:  # the processor travels with the checkpoint (config.json only for full)
             wanted = f != "config.json" or args.train_type == "full"
@@ -1011,7 +1192,7 @@ def save_checkpoint(model, args, state, optimizer, scheduler, proc, output_dir, 
         if not args.save_only_model:
             rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                    "cuda": torch.cuda.get_rng_state_all() if proc.device.type == "cuda" else None}
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng},
                        tmp / "training_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "args.json").write_text(json.dumps(public_args(args), indent=2) + "\n")
@@ -1026,6 +1207,53 @@ def save_checkpoint(model, args, state, optimizer, scheduler, proc, output_dir, 
     if proc.world > 1:
         dist.barrier()  # nobody runs ahead while the first process writes
     return output_dir / f"checkpoint-{step}"
+
+
+def whole_tensor(t):
+    """A tensor, or an FSDP2 shard (DTensor) gathered whole from every process (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t
+    return t.to(t.device_mesh.device_type).full_tensor()  # CPU offload: shards are gathered on the GPUs
+
+
+def whole_tensors(tensors, proc):
+    """{name: tensor} with each FSDP2 shard gathered whole, on the CPU, in the first process (the others get
+    {}). Every process calls it: each gather is a collective, taken in the same order."""
+    whole = {}
+    for name, t in tensors.items():
+        t = whole_tensor(t)
+        if proc.main:
+            whole[name] = t.detach().to("cpu")
+    return whole
+
+
+def whole_optimizer_state(model, optimizer):
+    """The optimizer's state by parameter name, each tensor whole, on the CPU of the first process:
+    torch.distributed.checkpoint's full state dict, which loads into any number of processes (load_optimizer).
+    Every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_optimizer(model, optimizer, saved):
+    """An optimizer state saved by whole_optimizer_state (keys: parameter names) into this run's optimizer, each
+    process taking its shard, whatever the number of processes that saved it. A state saved by
+    optimizer.state_dict() (keys: positions; minivl before FSDP2) is renamed first: each group lists its
+    parameters' names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    groups = saved["param_groups"]
+    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+        if "names" not in groups[0]:  # no names to go by: only the same layout loads
+            return optimizer.load_state_dict(saved)
+        name = {i: n for g in groups for i, n in zip(g["params"], g["names"])}
+        saved = {"state": {name[i]: v for i, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": g["names"]} for g in groups]}
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
 
 def rotate_checkpoints(output_dir, limit, best):

@@ -167,7 +167,7 @@ def test_options(made, tmp_path, capsys):
 
     assert "--frobnicate: not an option minivl supports" in refused("--frobnicate", "1")
     assert "did you mean --learning_rate" in refused("--learnig_rate", "1e-4")
-    assert "DDP" in refused("--deepspeed", "zero2") and "vLLM" in refused("--use_vllm", "true")
+    assert "no logits exist" in refused("--use_liger_kernel", "true") and "vLLM" in refused("--use_vllm", "true")
     assert "give both --model and --dataset" in refused("--model", "x")
     assert "expected true or false" in refused("--freeze_vit", "maybe")
     # the ms-swift command of facts/user_workflows.md, option for option

@@ -98,7 +98,7 @@ def test_yaml_mistakes_are_clear_errors(made, tmp_path, monkeypatch):
     assert "stage: dpo is run by train_dpo.py, not train_sft.py" in refused(stage="dpo")
     assert "pref_beta: a DPO key (stage: dpo, train_dpo.py)" in refused(pref_beta=0.1)
     assert "finetuning_type: freeze is not implemented" in refused(finetuning_type="freeze")
-    assert "deepspeed: minivl has no DeepSpeed" in refused(deepspeed="examples/deepspeed/ds_z3_config.json")
+    assert "use_unsloth: minivl has no Unsloth" in refused(use_unsloth=True)
     assert "flash_attn: minivl always uses PyTorch SDPA" in refused(flash_attn="fa2")
     assert "fp16: minivl trains in bf16" in refused(fp16=True)
     problems = refused(lora_rnak=8, stage="kto")                         # every problem at once

@@ -104,8 +104,9 @@ def demo_defaults(args, argv):
 # --------------------------------------------------------------------------------------------- the trainer
 
 class TokenLogprobs(nn.Module):
-    """What DDP wraps: the model up to per-token log-probs of the next tokens. The vocabulary projection is
-    fused with the log-softmax (kernels/logprobs.py), so the (B, T, V) logits never exist."""
+    """What DDP wraps (FSDP2 shards the model inside it): the model up to per-token log-probs of the next tokens.
+    The vocabulary projection is fused with the log-softmax (kernels/logprobs.py), so the (B, T, V) logits never
+    exist."""
 
     def __init__(self, model, compute_dtype):
         super().__init__()
@@ -230,10 +231,10 @@ def main(argv=None):
     params = [p for _, p in trainable]
     steps = training.step_batches(train_set, train_set.collate, bs, accum, proc, state, args)
     while state["global_step"] < total_steps:
-        micro = next(steps)  # [(batch, weight)]: weight 0 for a stand-in of a micro-batch dropped whole (DDP)
+        micro = next(steps)  # [(batch, weight)]: weight 0 for a stand-in of a micro-batch dropped whole
         # the loss: L = -(1/N) sum over assistant tokens t of log p(token t | tokens < t, images), where N counts
-        # the assistant tokens of every micro-batch of this step in every process. DDP averages gradients over
-        # the `world` processes, so each scales its sum by world / N.
+        # the assistant tokens of every micro-batch of this step in every process. DDP and FSDP2 average
+        # gradients over the `world` processes, so each scales its sum by world / N.
         my_tokens = sum(data.count_label_tokens(b["labels"]) for b, w in micro if w)
         n_tokens, n_input = proc.all_sum(my_tokens, sum(int(b["attention_mask"].sum()) for b, w in micro if w))
         logging_step = training.due(state["global_step"] + 1, args.logging_steps, total_steps)

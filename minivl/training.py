@@ -1,15 +1,15 @@
 """What the trainers share besides their algorithm, as plain functions called from each train_*.py's main(): the
 options (ms-swift's spelling, or a LLaMA-Factory YAML as the single argument), the processes (one per GPU under
-torchrun, DDP), the model with its LoRA / freezing, the data set's rows, the order of micro-batches with its exact
-position for resume, the optimizer and schedule, checkpoints, and what a run reports (logging.jsonl, TensorBoard,
-wandb, SwanLab, the progress bar). A trainer's main() reads:
+torchrun: FSDP2 shards the model, or DDP replicates it), the model with its LoRA / freezing, the data set's rows,
+the order of micro-batches with its exact position for resume, the optimizer and schedule, checkpoints, and what a
+run reports (logging.jsonl, TensorBoard, wandb, SwanLab, the progress bar). A trainer's main() reads:
 
     args = training.parse_args(build_parser(), argv, "sft", ENGINES, HARMLESS)  # or argv == ["config.yaml"]
-    proc = training.init_process(args)                     # rank, world, device, dtype; DDP process group
+    proc = training.init_process(args)                     # rank, world, device, dtype, engine; process group
     resume, output_dir = training.prepare_output(args, proc)
     model, processor = training.load_model(args, proc, resume)
-    trainable, modules_to_save = training.make_trainable(model, args, proc)   # LoRA / full, freezing
-    step_module = training.wrap_ddp(MyForward(model), proc)
+    trainable, modules_to_save = training.make_trainable(model, args, proc)   # LoRA / full, freezing; FSDP2
+    step_module = training.wrap_ddp(MyForward(model), proc)                   # DDP when replicated
     rows, val_rows = training.load_data(args, data.load_rows)                 # or data_rl.load_preference_rows
     micro_per_epoch, steps_per_epoch, total_steps = training.count_steps(len(rows), bs, accum, proc, args)
     optimizer, scheduler = training.make_optimizer(trainable, args, total_steps, proc)
@@ -30,7 +30,14 @@ wandb, SwanLab, the progress bar). A trainer's main() reads:
     training.finish(proc)
 
 The unit of data is whatever the trainer's data set yields and its collate makes of a list of them: SFT samples,
-preference pairs, GRPO prompts. Tests: tests/test_sft_cli.py, tests/test_training.py.
+preference pairs, GRPO prompts.
+
+Several processes, what a trainer keeps to: under FSDP2 every forward and backward gathers weights from all
+processes, so each process runs the same ones in the same order (step_batches and eval_batches(stand_ins=True)
+give each the same number of batches; the model runs its vision tower in every forward). A weight read outside a
+forward is whole only for the model's own (lm_head, embeddings) after model.hidden_states or model(...); work that
+differs between processes (the sampler) runs on whole_model(model, proc). Sums over processes go through
+reduce_means or proc.all_sum. Tests: tests/test_sft_cli.py, tests/test_training.py, tests/test_distributed.py.
 """
 
 import argparse
@@ -159,8 +166,8 @@ def build_parser(description):
     a("--vit_gradient_checkpointing", **flag, help="default: --gradient_checkpointing")
     a("--dataloader_num_workers", type=int, default=0)
     # several GPUs (torchrun): full fine-tuning shards the model (FSDP2), LoRA replicates it (DDP); see engine()
-    a("--deepspeed", help="zero0, zero1, zero2, zero2_offload, zero3, zero3_offload, or a DeepSpeed config .json: "
-                          "runs as the FSDP2 setting that matches (default: zero3 for full, zero0 for LoRA)")
+    a("--deepspeed", help="zero0, zero1, zero2, zero2_offload, zero3, zero3_offload, or a DeepSpeed config "
+                          ".json: runs as the FSDP2 setting that matches (default: zero3 for full, zero0 for LoRA)")
     a("--fsdp", nargs="+", help="transformers' words: full_shard, shard_grad_op, offload, no_shard (auto_wrap: "
                                 "one unit per layer is what minivl always does)")
     a("--ddp_timeout", type=int, default=1800, help="seconds a process waits for the others in a collective")
@@ -863,8 +870,8 @@ def load_data(args, load):
 
 def epoch_batches(n_rows, batch_size, proc, seed, epoch):
     """This process's micro-batches (lists of row indices) of an epoch: a seeded permutation cut into
-    micro-batches of batch_size x world, each process taking its batch_size. Under DDP the incomplete last one
-    is dropped, so every process runs the same number of backward passes."""
+    micro-batches of batch_size x world, each process taking its batch_size. Over several processes the
+    incomplete last one is dropped, so every process runs the same number of forward and backward passes."""
     per_micro = batch_size * proc.world  # rows in one micro-batch over all processes
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     usable = len(order) if proc.world == 1 else len(order) // per_micro * per_micro

@@ -103,6 +103,14 @@ def weights(checkpoint):
     return load_file(files[0])
 
 
+def same_weights(got, expected, atol=1e-5):
+    """The weights two checkpoints hold, tensor by tensor."""
+    mine, theirs = weights(got), weights(expected)
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.allclose(mine[name], theirs[name], rtol=0, atol=atol), name
+
+
 def assert_same_run(got, expected):
     """Two runs of the same 3 steps: losses, gradient norms, eval loss, and the weights they saved."""
     first, *later = losses(got)
@@ -110,10 +118,7 @@ def assert_same_run(got, expected):
     assert later == pytest.approx(losses(expected)[1:], rel=1e-3)
     assert losses(got, "grad_norm") == pytest.approx(losses(expected, "grad_norm"), rel=1e-3)
     assert losses(got, "eval_loss") == pytest.approx(losses(expected, "eval_loss"), rel=1e-5)
-    mine, theirs = weights(Path(got) / "checkpoint-3"), weights(Path(expected) / "checkpoint-3")
-    assert mine.keys() == theirs.keys()
-    for name in mine:  # after 3 updates of at most ~lr each
-        assert torch.allclose(mine[name], theirs[name], rtol=0, atol=1e-4), name
+    same_weights(Path(got) / "checkpoint-3", Path(expected) / "checkpoint-3", atol=1e-4)  # 3 updates of ~lr
 
 
 @pytest.fixture(scope="module")
@@ -273,17 +278,18 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(paths, one_process,
     assert losses(tmp_path / "into-one")[-1] == pytest.approx(losses(two)[-1], rel=1e-5)
     assert losses(tmp_path / "into-one", "grad_norm")[-1] == pytest.approx(losses(two, "grad_norm")[-1],
                                                                            rel=1e-5)
+    same_weights(tmp_path / "into-one" / "checkpoint-3", two / "checkpoint-3")  # the update: Adam's state
     done = torchrun(argv(paths, tmp_path / "into-two", "full", 2, "--resume_from_checkpoint",
                          one_process["full"] / "checkpoint-2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(tmp_path / "into-two")[-1] == pytest.approx(losses(one_process["full"])[-1], rel=1e-5)
-    for name, saved in weights(tmp_path / "into-two" / "checkpoint-3").items():
-        assert torch.allclose(saved, weights(one_process["full"] / "checkpoint-3")[name], rtol=0, atol=1e-5)
+    same_weights(tmp_path / "into-two" / "checkpoint-3", one_process["full"] / "checkpoint-3")
     # a LoRA adapter into sharded adapters (--deepspeed zero3): each process loads its slice
     done = torchrun(argv(paths, tmp_path / "lora", "lora", 2, "--deepspeed", "zero3", "--resume_from_checkpoint",
                          one_process["lora"] / "checkpoint-2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(tmp_path / "lora")[-1] == pytest.approx(losses(one_process["lora"])[-1], rel=1e-5)
+    same_weights(tmp_path / "lora" / "checkpoint-3", one_process["lora"] / "checkpoint-3")
 
 
 @pytest.mark.slow

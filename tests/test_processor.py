@@ -280,7 +280,8 @@ def test_use_fast_picks_the_path(tmp_path):
     rows = {name: p.process_images([image])["pixel_values"] for name, p in
             (("default", default), ("fast", fast), ("pil", pil))}
     assert torch.equal(rows["default"], rows["fast"])
-    assert (rows["fast"] - rows["pil"]).abs().max() > 0.05  # about 17 grey levels on this image
+    # the resamplers part on this upscaled image (by up to 17 grey levels with torch 2.13, fewer with 2.11)
+    assert not torch.equal(rows["fast"], rows["pil"])
 
 
 @pytest.mark.parametrize("use_fast", [None, True, False])

@@ -102,8 +102,8 @@ def demo_argv(argv):
         return None  # not the demo (without --dataset, parse_args says what is missing)
     paths = demo.make_demo(demo.DEFAULT_DIR) if model is None else demo.demo_paths(Path(model).parent)
     pairs = demo.make_preference_pairs(paths)
-    return argv + ["--model", str(paths["model"])] * (model is None) + [
-        "--dataset", str(pairs["train"]), "--val_dataset", str(pairs["test"])]
+    return argv + ["--model", str(paths["model"])] * (model is None) + ["--dataset", str(pairs["train"])] + [
+        "--val_dataset", str(pairs["test"])] * (not given.val_dataset)
 
 
 # ------------------------------------------------------------------------------------ pairs and batches
@@ -286,8 +286,8 @@ def pair_step(module, reference, batch, args):
                "logps/chosen": (logps[:B], B), "logps/rejected": (logps[B:], B),
                "logits/chosen": (logit_sums[:B], counts[:B]), "logits/rejected": (logit_sums[B:], counts[B:]),
                "nll_loss": (-sums[:B].detach(), counts[:B])}
-    return losses, sums[:B].sum(), {k: torch.tensor([float(v.sum()), float(torch.as_tensor(n).sum())])
-                                    for k, (v, n) in metrics.items()}
+    return losses, sums[:B].sum(), {k: torch.tensor([float(v.sum()), float(torch.as_tensor(n).sum())],
+                                                    dtype=torch.float64) for k, (v, n) in metrics.items()}
 
 
 def main(argv=None):

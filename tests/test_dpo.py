@@ -137,7 +137,7 @@ def test_the_image_of_a_pair_is_encoded_once(made):
     model.model.visual.register_forward_hook(lambda m, inputs, out: calls.append(inputs[0].shape[0]))
     module = train_dpo.AnswerLogprobs(model, torch.float32)
     with torch.no_grad():
-        sums, counts, _ = module(**{k: v for k, v in batch.items() if k not in ("index", "num_dropped")})
+        sums, counts, logit_sums = module(**{k: v for k, v in batch.items() if k not in ("index", "num_dropped")})
     assert calls == [3 * 16]                                             # one pass, 3 images of 16 patches
     for j, (row, conversation, images) in enumerate(
             [(r, r.chosen_conversation, r.images) for r in rows]
@@ -145,7 +145,11 @@ def test_the_image_of_a_pair_is_encoded_once(made):
         alone = processor([conversation], images=[images], return_labels=True)
         with torch.no_grad():
             s, n, _ = module(**alone)
+            logits = model(**{k: v for k, v in alone.items() if k != "labels"})[0]   # (T, V)
         assert int(n) == int(counts[j]) and float(s) == pytest.approx(float(sums[j]), abs=1e-5), j
+        # trl's logits/*: the logits at the positions predicting answer tokens, averaged over the vocabulary
+        answer = alone["labels"][0, 1:] != IGNORE_INDEX
+        assert float(logit_sums[j]) == pytest.approx(float(logits[:-1][answer].mean(-1).sum()), abs=1e-5), j
 
 
 def test_only_the_final_answer_is_scored(made):
@@ -225,7 +229,7 @@ def test_resume_gives_the_same_next_losses(made, tmp_path, mode):
 def test_precomputed_reference_log_probs_equal_the_live_reference(made, tmp_path):
     for name, extra in (("live", []), ("pre", ["--precompute_ref_log_probs", "true"])):
         run(made, tmp_path / name, "--max_steps", 3, "--learning_rate", 1e-2, "--lora_dropout", 0, *extra,
-            "--val_dataset", made["val"], "--eval_steps", 3)
+            "--val_dataset", made["val"], "--eval_steps", 3, "--per_device_eval_batch_size", 3)
     for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/margins"):
         assert logged(tmp_path / "pre", key) == pytest.approx(logged(tmp_path / "live", key), abs=1e-5), key
 

@@ -14,8 +14,8 @@ sigmoid loss, beta 0.1, reference = the model with its adapters off; AdamW over 
                         logits, log_softmax one row at a time in float32 (trl's selective_log_softmax), one backward
 
 Each with and without (non-reentrant) gradient checkpointing; each minivl row is compared with the transformers row
-of the same setting. Without checkpointing transformers needs more than an H100's 80 GB here: that row then
-reports its out-of-memory error (on an H200 it runs).
+of the same setting. A row that runs out of GPU memory says so and the others go on (transformers without
+checkpointing holds the graphs of both policy forwards and their full logits).
 
     python benchmarks/bench_dpo.py                 # on a GPU: prints the table
     python benchmarks/bench_dpo.py --smoke         # CPU, 1 layer, 2 short pairs: checks the script end to end

@@ -203,7 +203,7 @@ class AnswerLogprobs(nn.Module):
         logp = linear_token_logprobs(hidden.to(self.compute_dtype), weight.to(self.compute_dtype), targets)
         answer = targets != IGNORE_INDEX  # (2B, T)
         with torch.no_grad():  # trl's logits/*: the mean of a token's logits is hidden . (the mean row of W)
-            mean_logit = hidden.float() @ weight.float().mean(0)  # (2B, T)
+            mean_logit = (hidden.float() * weight.mean(0, dtype=torch.float32)).sum(-1)  # (2B, T), float32
         return logp.sum(-1), answer.sum(-1), (mean_logit * answer).sum(-1)
 
 

@@ -318,7 +318,7 @@ def main(argv=None):
     micro_per_epoch, steps_per_epoch, total_steps = training.count_steps(len(rows), bs, accum, proc, args)
     proc.print(f"data: {len(rows)} train pairs, {len(val_rows)} eval pairs; {steps_per_epoch} steps per epoch of "
                f"{accum} x {bs * proc.world} pairs; {total_steps} steps of {args.rlhf_type}, beta {args.beta}")
-    if args.precompute_ref_log_probs:  # before a resumed run's weights load: the model is the reference here
+    if args.precompute_ref_log_probs and reference:  # before a resumed run's adapters load: the base is original
         for dataset in (train_set, val_set):
             precompute(dataset, reference, model, args, proc)
         reference = None  # a full run's frozen copy goes

@@ -148,6 +148,7 @@ def main():
                          *timed_steps(step(hf_loss, hf_opt), device, args.warmup, args.repeats)[1:]))
         except torch.OutOfMemoryError as e:
             print(f"transformers + peft{', grad ckpt' if ckpt else ''}: out of memory ({str(e).splitlines()[0]})")
+            hf_opt.zero_grad(set_to_none=True)  # what a backward cut short left behind
         free()
 
     dev = torch.cuda.get_device_name() if device == "cuda" else "cpu"

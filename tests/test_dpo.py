@@ -185,9 +185,11 @@ def test_adapters_off_give_exactly_the_base_models_logprobs(made):
 
 # ------------------------------------------------------------------------------------------------ training
 
-def test_a_lora_run_starts_at_log_2(made, tmp_path):
+def test_a_lora_run_starts_at_log_2(made, tmp_path, monkeypatch):
     """At step 0 the LoRA policy is its reference (B = 0, the adapters off): the sigmoid loss is log 2, the rewards
-    and margins 0, and the accuracy 0 (a tie counts 0, as in trl)."""
+    and margins 0, and the accuracy 0 (a tie counts 0, as in trl). The progress bar shows the accuracy."""
+    bar = []
+    monkeypatch.setattr(training.Progress, "update", lambda self, step, loss=None, values=None: bar.append(values))
     run(made, tmp_path, "--train_type", "lora", "--freeze_vit", "false", "--max_steps", 2, "--learning_rate", 2e-2,
         "--beta", 0.5, "--lora_dropout", 0.1)
     entries = [json.loads(line) for line in (tmp_path / "logging.jsonl").read_text().splitlines()]
@@ -200,6 +202,7 @@ def test_a_lora_run_starts_at_log_2(made, tmp_path):
             "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
             "num_tokens"} <= set(first) and "nll_loss" not in first
     assert first["grad_norm"] > 0 and entries[1]["rewards/margins"] != 0    # the step moved the policy off it
+    assert bar == [{"rewards/accuracies": 0.0}, {"rewards/accuracies": entries[1]["rewards/accuracies"]}]
 
 
 def test_full_training_raises_held_out_accuracy_and_margin(made, tmp_path):

@@ -152,6 +152,27 @@ def test_the_image_of_a_pair_is_encoded_once(made):
         assert float(logit_sums[j]) == pytest.approx(float(logits[:-1][answer].mean(-1).sum()), abs=1e-5), j
 
 
+def test_a_pairs_video_is_encoded_once(made):
+    """A pair about a video (two frames): one video in the batch, placed in both rows, and each row's answer
+    log-prob equal to that row run on its own (Qwen2.5's second_per_grid_ts follows the video)."""
+    model = minivl.load(made["model"])
+    processor = minivl.Processor.from_pretrained(made["model"])
+    frames = [json.loads(line)["images"][0] for line in made["small"].read_text().splitlines()[:2]]
+    record = {"messages": [{"role": "user", "content": "<video>What colour is the shape?"},
+                           {"role": "assistant", "content": "red"}], "rejected_response": "blue", "videos": [frames]}
+    row = data_rl.make_preference_row(record, str(made["small"].parent), "row")
+    dataset = train_dpo.PairDataset([row], processor)
+    batch = dataset.collate([dataset[0]])
+    assert len(batch["video_grid_thw"]) == len(batch["second_per_grid_ts"]) == 1
+    assert batch["video_index"].tolist() == [0, 0]
+    module = train_dpo.AnswerLogprobs(model, torch.float32)
+    with torch.no_grad():
+        sums, _, _ = module(**{k: v for k, v in batch.items() if k not in ("index", "num_dropped")})
+        for j, conversation in enumerate((row.chosen_conversation, row.rejected_conversation)):
+            alone = processor([conversation], videos=[row.videos], return_labels=True)
+            assert float(module(**alone)[0]) == pytest.approx(float(sums[j]), abs=1e-5), j
+
+
 def test_only_the_final_answer_is_scored(made):
     """A prompt with an earlier assistant turn: its tokens are context, the labels cover the last answer only."""
     processor = minivl.Processor.from_pretrained(made["model"])

@@ -44,6 +44,32 @@ def build(layers, device, dtype):
     return cfg, hf, ours.train()
 
 
+def same_adapters(hf, ours, device, b_std=0.0):
+    """LoRA r 8, alpha 32 on the LLM's 7 projections of both models, with the same values (PEFT makes them, minivl
+    copies them; b_std > 0 draws B too, so the adapters are not the identity), and an AdamW over each side's
+    adapters -> (the PEFT model, its optimizer, minivl's optimizer)."""
+    import peft
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=LLM_TARGETS)
+    hf = peft.get_peft_model(hf, config)
+    names = lora.select_linear(ours, ("llm",))
+    lora.inject(ours, names, r=8, alpha=32)
+    theirs = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, layer in lora.lora_layers(ours):
+            b = theirs[f"base_model.model.{name}.lora_B.default.weight"]
+            if b_std:
+                b.normal_(0, b_std)
+            layer.lora_A.weight.copy_(theirs[f"base_model.model.{name}.lora_A.default.weight"])
+            layer.lora_B.weight.copy_(b)
+    hf_params = [p for p in hf.parameters() if p.requires_grad]
+    our_params = [p for n, p in ours.named_parameters() if p.requires_grad]
+    assert len(hf_params) == len(our_params) == 2 * len(names), (len(hf_params), len(our_params), len(names))
+    return (hf, torch.optim.AdamW(hf_params, lr=1e-4, fused=device == "cuda"),
+            torch.optim.AdamW(our_params, lr=1e-4, fused=device == "cuda"))
+
+
 def inputs(cfg, batch, seq, side, device, dtype):
     """Rows of `seq` tokens: text, one image of side x side pixels, text; labels on the text tokens."""
     g = torch.Generator().manual_seed(1)
@@ -100,22 +126,7 @@ def main():
     batch = inputs(cfg, args.batch, args.seq, args.image, device, dtype)
     tokens = args.batch * args.seq
 
-    # the same adapters on both sides: PEFT makes them, minivl copies their values
-    torch.manual_seed(0)
-    config = peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=LLM_TARGETS)
-    hf = peft.get_peft_model(hf, config)
-    names = lora.select_linear(ours, ("llm",))
-    lora.inject(ours, names, r=8, alpha=32)
-    theirs = dict(hf.named_parameters())
-    with torch.no_grad():
-        for name, layer in lora.lora_layers(ours):
-            layer.lora_A.weight.copy_(theirs[f"base_model.model.{name}.lora_A.default.weight"])
-            layer.lora_B.weight.copy_(theirs[f"base_model.model.{name}.lora_B.default.weight"])
-    hf_params = [p for p in hf.parameters() if p.requires_grad]
-    our_params = [p for n, p in ours.named_parameters() if p.requires_grad]
-    assert len(hf_params) == len(our_params) == 2 * len(names), (len(hf_params), len(our_params), len(names))
-    hf_opt = torch.optim.AdamW(hf_params, lr=1e-4, fused=device == "cuda")
-    our_opt = torch.optim.AdamW(our_params, lr=1e-4, fused=device == "cuda")
+    hf, hf_opt, our_opt = same_adapters(hf, ours, device)
     mm_types = (batch["input_ids"] == cfg.image_token_id).int()
 
     def hf_step():

@@ -256,6 +256,25 @@ def make_dataset(data_dir, seed=0, n_train=1024, n_test=128):
     return {"train": data_dir / "train.jsonl", "test": data_dir / "test.jsonl", "images": data_dir / "images"}
 
 
+def make_preference_pairs(paths):
+    """dpo_train.jsonl, dpo_test.jsonl beside the demo's train / test data: ms-swift preference rows of the same
+    images, the right colour chosen and another colour rejected -> {"train", "test"} paths. The same bytes every
+    time (each written under a temporary name and renamed, so concurrent callers may both write)."""
+    made = {}
+    for split in ("train", "test"):
+        rng = random.Random(split)
+        rows = [json.loads(line) for line in Path(paths[split]).read_text().splitlines()]
+        text = "".join(json.dumps({"messages": [{"role": "user", "content": r["query"]},
+                                                {"role": "assistant", "content": r["response"]}],
+                                   "rejected_response": rng.choice(sorted(set(COLOURS) - {r["response"]})),
+                                   "images": r["images"]}) + "\n" for r in rows)
+        made[split] = Path(paths[split]).with_name(f"dpo_{split}.jsonl")  # beside train.jsonl: image paths hold
+        tmp = made[split].with_name(f".{made[split].name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(text)
+        os.replace(tmp, made[split])
+    return made
+
+
 # ------------------------------------------------------------------------------------------------ the demo
 
 def demo_paths(out_dir):

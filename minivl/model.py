@@ -10,7 +10,8 @@ them (checkpoint.py reads checkpoints with it) and module_to_file_name back (sav
 
 `model(**batch)` returns logits. `model.hidden_states(**batch)` returns the final normed hidden states, for the
 trainers, which feed them with `model.lm_head.weight` to the fused log-prob kernel instead of materialising
-(B, T, V) logits. Both take `trace=fn`: fn(stage_name, tensor) is called at every stage (patch embed, each vision
+(B, T, V) logits. `image_index` / `video_index` place an item in several rows while the vision tower encodes it
+once (a preference pair's chosen and rejected answers share their image). Both take `trace=fn`: fn(stage_name, tensor) is called at every stage (patch embed, each vision
 block, merger, DeepStack features, embeddings, position ids, each decoder layer, final norm), which is how
 `minivl.parity` and `--trace` watch a forward without editing the model.
 
@@ -108,10 +109,11 @@ class VLModel(nn.Module):
     def device(self):
         return self.lm_head.weight.device
 
-    def _scatter(self, embeds, input_ids, token_id, pixels, grid_thw, name, trace):
-        """Replace the embeddings of `token_id` positions with the vision features of `pixels`, in order. With
-        pixels None (vision_in_every_forward), the tower runs on a dummy image and its output is added times 0:
-        every process then runs the same modules, with the same collectives, whatever its batch holds."""
+    def _scatter(self, embeds, input_ids, token_id, pixels, grid_thw, name, trace, index=None):
+        """Replace the embeddings of `token_id` positions with the vision features of `pixels`, in order; with
+        `index`, the features of item index[0], index[1], ... of grid_thw, in order. With pixels None
+        (vision_in_every_forward), the tower runs on a dummy image and its output is added times 0: every process
+        then runs the same modules, with the same collectives, whatever its batch holds."""
         # a frozen tower runs without autograd: no graph and no saved activations (ms-swift PR #10214)
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.visual.parameters())
         if pixels is None:
@@ -123,6 +125,9 @@ class VLModel(nn.Module):
             return embeds + 0.0 * unused.to(embeds.dtype), torch.zeros_like(input_ids, dtype=torch.bool), []
         with torch.set_grad_enabled(trains):
             features, deepstack = self.model.visual(pixels.to(self.dtype), grid_thw, trace=trace)  # (M, D)
+        if index is not None:
+            rows = _item_rows(grid_thw, index, self.cfg.vision.merge_unit)
+            features, deepstack = features[rows], [level[rows] for level in deepstack]  # (M', D)
         mask = input_ids == token_id  # (B, T)
         n_tokens = int(mask.sum())
         if n_tokens != features.shape[0]:
@@ -133,20 +138,28 @@ class VLModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                       pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
-                      trace=None, cache=None):
+                      trace=None, cache=None, image_index=None, video_index=None):
         """Final normed hidden states (B, T, D) of the decoder. `cache`, one KVCache of T slots a layer (positions
-        0..T-1), keeps the prompt's keys and values for the sampler."""
+        0..T-1), keeps the prompt's keys and values for the sampler. `image_index` (n,): the images of the
+        token sequence, in order, as indices into image_grid_thw / pixel_values, which then hold each image
+        once; `video_index` the same for videos."""
         cfg = self.cfg
         embeds = self.model.language_model.embed_tokens(input_ids)  # (B, T, D)
         visual_mask, deepstack = torch.zeros_like(input_ids, dtype=torch.bool), []
         if pixel_values is not None or self.vision_in_every_forward:
             embeds, visual_mask, deepstack = self._scatter(embeds, input_ids, cfg.image_token_id, pixel_values,
-                                                           image_grid_thw, "image", trace)
+                                                           image_grid_thw, "image", trace, image_index)
         if pixel_values_videos is not None or self.vision_in_every_forward:
             embeds, video_mask, video_deepstack = self._scatter(embeds, input_ids, cfg.video_token_id,
-                                                                pixel_values_videos, video_grid_thw, "video", trace)
+                                                                pixel_values_videos, video_grid_thw, "video", trace,
+                                                                video_index)
             deepstack = _merge_deepstack(visual_mask, deepstack, video_mask, video_deepstack)
             visual_mask = visual_mask | video_mask
+        if image_index is not None:  # positions follow the items as placed
+            image_grid_thw = image_grid_thw[image_index]
+        if video_index is not None:
+            video_grid_thw = video_grid_thw[video_index]
+            second_per_grid_ts = None if second_per_grid_ts is None else second_per_grid_ts[video_index]
         if trace:
             trace("embeddings", embeds)
         if position_ids is None:
@@ -218,6 +231,14 @@ class VLModel(nn.Module):
                 stale.unlink()
         if len(shards) == 1 and (directory / "model.safetensors.index.json").exists():
             (directory / "model.safetensors.index.json").unlink()
+
+
+def _item_rows(grid_thw, index, merge_unit):
+    """The feature rows of items index[0], index[1], ... of grid_thw (each item's merged tokens are contiguous)."""
+    sizes = grid_thw.prod(-1) // merge_unit  # (n_items,)
+    starts = sizes.cumsum(0) - sizes
+    return torch.cat([torch.arange(int(starts[i]), int(starts[i] + sizes[i]), device=grid_thw.device)
+                      for i in index.tolist()])  # (M',)
 
 
 def _merge_deepstack(image_mask, image_features, video_mask, video_features):

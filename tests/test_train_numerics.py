@@ -85,10 +85,24 @@ def sft_data(paths):
     return ["--dataset", paths["uneven"], "--truncation_strategy", "right"]
 
 
+def dpo_data(paths):
+    """Four pairs: each answer above chosen, the next one rejected (unequal lengths on both sides)."""
+    rows = [json.loads(line) for line in paths["uneven"].read_text().splitlines()]
+    pairs = [{"messages": [{"role": "user", "content": r["query"]}, {"role": "assistant", "content": r["response"]}],
+              "rejected_response": ANSWERS[(i + 1) % 4], "images": r["images"]} for i, r in enumerate(rows)]
+    path = paths["uneven"].with_name("uneven_pairs.jsonl")
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return ["--dataset", path]
+
+
 # DPO and GRPO add themselves here, one entry each
 TRAINERS = [pytest.param(Trainer("train_sft.py", sft_data, ["--train_type", "full", "--freeze_vit", "false",
                                                              "--freeze_aligner", "false", "--learning_rate", 1e-3,
-                                                             "--warmup_ratio", 0]), id="sft")]
+                                                             "--warmup_ratio", 0]), id="sft"),
+            # LoRA (the reference: adapters off) with the chosen answers' NLL, weighed per token of the step
+            pytest.param(Trainer("train_dpo.py", dpo_data, ["--train_type", "lora", "--lora_dropout", 0,
+                                                            "--rpo_alpha", 0.5, "--learning_rate", 1e-2,
+                                                            "--warmup_ratio", 0]), id="dpo")]
 # (processes, batch per process, accumulation steps): 4 samples a step each time
 SPLITS = [(1, 4, 1), (1, 2, 2), (2, 2, 1)]
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minivl import data_rl, demo, rewards, rollouts
+from minivl import data_rl, demo, rewards, rollouts, sampler
 from minivl.processor import Processor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,6 +207,33 @@ def test_one_iteration_without_kl_is_reinforce(made):
     assert sum(float(g.abs().sum()) for g in ours) > 1e-3
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_log_probs_are_the_samplers(made):
+    """The trainer's log-probs of sampled completions (hidden states at the completion positions, fused lm_head +
+    log-softmax at the sampling temperature) against the logits of a plain forward: equal; and against the sampler's
+    own log-probs: equal once the vision tokens, which the sampler never samples, are left out of the softmax."""
+    model = __import__("minivl").load(made["model"])
+    processor = Processor.from_pretrained(made["model"])
+    prompts = rollouts.encode_prompts(processor, data_rl.load_prompt_rows(made["grpo"])[:3])
+    gen, _ = rollouts.rollout(model, processor, prompts, 2, 6, temperature=0.7, seed=5)
+    gen = replace(gen, lengths=torch.tensor([6, 3, 5, 6, 1, 4]))  # unequal lengths: padding inside the batch
+    batch, starts, targets = rollouts.completion_inputs(processor, prompts, gen, range(6), 2)
+    with torch.no_grad():
+        ours, entropy = rollouts.CompletionLogprobs(model, 0.7)(batch, starts, targets)
+        logits = model(**batch).float() / 0.7  # (B, T, V)
+    mask = targets != -100
+    for b in range(6):
+        n = int(gen.lengths[b])
+        z = logits[b, int(starts[b]) - 1:int(starts[b]) - 1 + n]  # (n, V): the positions predicting the completion
+        full = z.log_softmax(-1).gather(1, targets[b, :n, None])[:, 0]
+        torch.testing.assert_close(ours[b, :n], full, rtol=1e-5, atol=1e-5)
+        p = z.softmax(-1)
+        torch.testing.assert_close(entropy[b, :n], -(p * p.log()).sum(-1), rtol=1e-4, atol=1e-4)
+        banned = z.index_fill(1, torch.tensor(sampler.vision_token_ids(model.cfg)), float("-inf"))
+        support = banned.log_softmax(-1).gather(1, targets[b, :n, None])[:, 0]
+        torch.testing.assert_close(gen.logprobs[b, :n], support, rtol=1e-5, atol=1e-5)
+    assert (ours[~mask] == 0).all()
 
 
 # ------------------------------------------------------------------------------- rewards, batches, options

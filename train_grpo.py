@@ -322,7 +322,8 @@ def main(argv=None):
                 {"step": state["global_step"] + 1, "prompt": processor.decode(prompts[i // G][1]["input_ids"]),
                  "completion": text, **{f.name: float(per_func[i, j]) for j, f in enumerate(funcs)},
                  "reward": float(total[i]), "advantage": float(rnd.advantages[i]),
-                 "solution": prompts[i // G][0].columns.get("solution")} for i, text in enumerate(texts)])
+                 "images": prompts[i // G][0].images, "solution": prompts[i // G][0].columns.get("solution")}
+                for i, text in enumerate(texts)])
         return rnd, metrics
 
     @torch.no_grad()

@@ -378,6 +378,22 @@ def test_resume_continues_with_the_same_next_loss(made, tmp_path, iterations):
     assert logged(tmp_path / "a", "kl")[1] > 0  # the adapters moved away from the base: a KL to it
 
 
+def test_resume_inside_a_round(made, tmp_path):
+    """A round of 2 passes spans steps 1 and 2; resumed from step 1, the run samples that round's prompts again and
+    trains only its second pass, so it ends where the uninterrupted run ends (rounds, data position)."""
+    extra = ["--max_steps", 4, "--save_strategy", "steps", "--save_steps", 1, "--num_iterations", 2,
+             "--log_completions", "true"]
+    _, a = run(made, tmp_path / "a", *extra)
+    _, b = run(made, tmp_path / "b", *extra, "--resume_from_checkpoint", tmp_path / "a" / "checkpoint-1")
+    assert {k: b[k] for k in ("rounds", "epoch", "micro_batch", "global_step")} == {
+        k: a[k] for k in ("rounds", "epoch", "micro_batch", "global_step")} and a["rounds"] == 2
+    lines = {name: [json.loads(x) for x in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+             for name in ("a", "b")}
+    assert [x["step"] for x in lines["a"]] == [1] * 8 + [3] * 8
+    assert [x["step"] for x in lines["b"]] == [2] * 8 + [3] * 8  # the first round sampled again at step 2
+    assert [x["prompt"] for x in lines["b"]] == [x["prompt"] for x in lines["a"]]
+
+
 def test_the_users_grpo_command_runs_as_written(made, quick, tmp_path, monkeypatch):
     """ms-swift's `swift rlhf --rlhf_type grpo` command of the users' guide, `swift rlhf` replaced by
     `python train_grpo.py`, the model (the demo's after a short SFT, which stops its answers), data (2 prompts: 4
@@ -424,7 +440,7 @@ def test_two_processes(made, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 * 8 and len({x["prompt"] for x in lines[:8]}) == 2  # two groups a step, one a process
+    assert len(lines) == 2 * 8 and len({str(x["images"]) for x in lines[:8]}) == 2  # two groups a step
     rewards = [x["reward"] for x in lines[:8]]
     assert logged(tmp_path, "reward")[0] == pytest.approx(sum(rewards) / 8)
     for group in (lines[:4], lines[4:8]):  # advantages within each group, over the gathered rewards

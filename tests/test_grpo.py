@@ -431,8 +431,8 @@ def test_two_processes(made, tmp_path):
     gathered over both."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIVL_KERNELS": "reference",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    argv = ["--model", made["model"], "--dataset", made["grpo"], "--output_dir", tmp_path, "--reward_funcs",
-            "random", "--num_generations", 4, "--per_device_train_batch_size", 4, "--max_completion_length", 4,
+    argv = ["--model", made["model"], "--dataset", made["grpo"], "--output_dir", tmp_path, "--external_plugins",
+            made["plugin"], "--reward_funcs", "varied", "--num_generations", 4, "--per_device_train_batch_size", 4, "--max_completion_length", 4,
             "--max_steps", 2, "--logging_steps", 1, "--report_to", "none", "--log_completions", "true",
             "--save_steps", 2, "--gradient_checkpointing", "false"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -445,4 +445,5 @@ def test_two_processes(made, tmp_path):
     assert logged(tmp_path, "reward")[0] == pytest.approx(sum(rewards) / 8)
     for group in (lines[:4], lines[4:8]):  # advantages within each group, over the gathered rewards
         r = torch.tensor([x["reward"] for x in group])
+        assert r.std() > 0
         assert [x["advantage"] for x in group] == pytest.approx(((r - r.mean()) / (r.std() + 1e-4)).tolist())

@@ -138,7 +138,7 @@ def generation_plan(args, world, n_prompts=None):
 def demo_defaults(args, argv):
     """No --model and no --dataset: the demo model learns the demo's colour question for 100 steps by SFT
     (train_sft.py's demo; the warm start is kept in <output_dir>_sft and reused), which answers with a colour, right
-    about 40% of the time at temperature 1; then 150 GRPO steps with the accuracy reward, 8 images x 8 answers a
+    about 25% of the time at temperature 1; then 200 GRPO steps with the accuracy reward, 8 images x 8 answers a
     step, the LLM trained in full (the vision tower frozen, ms-swift's default). Options given still win."""
     import train_sft
     from minivl import demo
@@ -154,8 +154,8 @@ def demo_defaults(args, argv):
         model=str(warm / "checkpoint-100"), dataset=[str(paths["train"])], val_dataset=[str(paths["test"])],
         reward_funcs=["accuracy"], train_type="full", learning_rate=5e-4, lr_scheduler_type="constant",
         per_device_train_batch_size=64, per_device_eval_batch_size=128, temperature=1.0, top_k=0, top_p=1.0,
-        max_completion_length=8, beta=0.0, max_steps=150, weight_decay=0.0, gradient_checkpointing=False,
-        eval_steps=50, save_steps=150, save_total_limit=1, logging_steps=10, eval_on_start=True,
+        max_completion_length=8, beta=0.0, max_steps=200, weight_decay=0.0, gradient_checkpointing=False,
+        eval_steps=50, save_steps=200, save_total_limit=1, logging_steps=10, eval_on_start=True,
         output_dir=str(out), overwrite_output_dir=not given))
 
 

@@ -311,11 +311,8 @@ def main(argv=None):
                 rnd.old.append(policy(*inputs)[0] if needs_old else None)
                 with lora.disabled(model) if reference is None else contextlib.nullcontext():
                     rnd.ref.append((reference or policy)(*inputs)[0] if args.beta else None)
-        lengths = everyone[:, F + 1]
         metrics = {**rewards.reward_metrics(everyone[:, :F], everyone[:, F], funcs, G),
-                   "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-                   "completions/max_length": float(lengths.max()),
-                   "completions/clipped_ratio": float(everyone[:, F + 2].mean())}
+                   **rollouts.length_metrics(everyone[:, F + 1], everyone[:, F + 2])}
         state["num_tokens"] += (sum(len(p["input_ids"]) for _, p in prompts) * G + int(gen.lengths.sum())) * proc.world
         if args.log_completions:
             rollouts.write_completions(completions, proc, [

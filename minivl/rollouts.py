@@ -57,6 +57,13 @@ def rollout(model, processor, prompts, n, max_new_tokens, temperature=1.0, top_p
     return gen, texts
 
 
+def length_metrics(lengths, truncated):
+    """trl's completion metrics of completion lengths (N,) and whether each was truncated (N,)."""
+    lengths = lengths.float()
+    return {"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float(truncated.float().mean())}
+
+
 def completion_inputs(processor, prompts, gen, idx, n, device="cpu"):
     """(batch, starts (B,), targets (B, L)) of completions idx: each one's prompt followed by it, right-padded; where
     each completion starts; its tokens, -100 past its end (the eos is a target: the policy chose to stop)."""

@@ -209,13 +209,20 @@ def test_one_iteration_without_kl_is_reinforce(made):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_log_probs_are_the_samplers(made):
+@pytest.fixture(scope="module")
+def made3(tmp_path_factory):
+    return demo.make_demo(tmp_path_factory.mktemp("demo3") / "demo_qwen3", family="qwen3_vl")
+
+
+@pytest.mark.parametrize("family", demo.FAMILIES)
+def test_log_probs_are_the_samplers(made, made3, family):
     """The trainer's log-probs of sampled completions (hidden states at the completion positions, fused lm_head +
     log-softmax at the sampling temperature) against the logits of a plain forward: equal; and against the sampler's
     own log-probs: equal once the vision tokens, which the sampler never samples, are left out of the softmax."""
-    model = __import__("minivl").load(made["model"])
-    processor = Processor.from_pretrained(made["model"])
-    prompts = rollouts.encode_prompts(processor, data_rl.load_prompt_rows(made["grpo"])[:3])
+    paths = made if family == "qwen2_5_vl" else made3
+    model = __import__("minivl").load(paths["model"])
+    processor = Processor.from_pretrained(paths["model"])
+    prompts = rollouts.encode_prompts(processor, data_rl.load_prompt_rows(paths["train"])[:3])
     gen, _ = rollouts.rollout(model, processor, prompts, 2, 6, temperature=0.7, seed=5)
     gen = replace(gen, lengths=torch.tensor([6, 3, 5, 6, 1, 4]))  # unequal lengths: padding inside the batch
     batch, starts, targets = rollouts.completion_inputs(processor, prompts, gen, range(6), 2)
@@ -417,9 +424,8 @@ def test_the_users_grpo_command_runs_as_written(made, quick, tmp_path, monkeypat
     assert model.lm_head.weight.dtype == torch.bfloat16
 
 
-def test_qwen3_vl_demo(tmp_path):
-    paths = demo.make_demo(tmp_path / "demo_qwen3", family="qwen3_vl")
-    run({"model": paths["model"], "grpo": paths["train"]}, tmp_path / "out", "--reward_funcs", "accuracy",
+def test_qwen3_vl_demo(made3, tmp_path):
+    run({"model": made3["model"], "grpo": made3["train"]}, tmp_path / "out", "--reward_funcs", "accuracy",
         "random", "--reward_weights", 1.0, 0.5, "--max_steps", 2, "--beta", 0.04)
     assert len(logged(tmp_path / "out")) == 2
     assert logged(tmp_path / "out", "rewards/random/mean")[0] > 0

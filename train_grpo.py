@@ -39,10 +39,8 @@ from minivl import checkpoint, data_rl, lora, rewards, rollouts, training
 
 # ----------------------------------------------------------------------------------------------- arguments
 
-ENGINES = {  # besides the engines every trainer refuses (training.ENGINES)
-    "reward_model": "minivl has no reward models: reward functions only (--reward_funcs, --external_plugins)",
-    "repetition_penalty": "minivl's sampler has no repetition penalty",
-}
+ENGINES = {"reward_model": "minivl has no reward models: reward functions (--reward_funcs, --external_plugins)",
+           "repetition_penalty": "minivl's sampler has no repetition penalty"}  # besides training.ENGINES
 # ms-swift's options for vLLM and its colocation: accepted, without effect here (one note)
 ROLLOUT_ENGINE = ("use_vllm", "vllm_", "async_generate", "offload_model", "offload_optimizer", "sleep_level",
                   "move_model_batches")
@@ -107,7 +105,7 @@ def parse_args(argv=None):
 
 def generation_plan(args, world, n_prompts=None):
     """trl's batch arithmetic, checked: (completions per round over all processes, micro-batches per round, prompts
-    per round per process) and, given the number of prompts, (rounds per epoch, steps per epoch, steps of the run)."""
+    per round per process) and, given the number of prompts, (rounds per epoch, steps per epoch, steps in all)."""
     bs, G = args.per_device_train_batch_size, args.num_generations
     if args.generation_batch_size and args.steps_per_generation:
         raise SystemExit("--generation_batch_size and --steps_per_generation say the same thing: give one")
@@ -136,10 +134,10 @@ def generation_plan(args, world, n_prompts=None):
 
 
 def demo_defaults(args, argv):
-    """No --model and no --dataset: the demo model learns the demo's colour question for 100 steps by SFT
-    (train_sft.py's demo; the warm start is kept in <output_dir>_sft and reused), which answers with a colour, right
-    about 25% of the time at temperature 1; then 200 GRPO steps with the accuracy reward, 8 images x 8 answers a
-    step, the LLM trained in full (the vision tower frozen, ms-swift's default). Options given still win."""
+    """No --model and no --dataset: 100 SFT steps of train_sft.py's demo (kept in <output_dir>_sft) teach the demo
+    model to answer with a colour, right about 25% of the time at temperature 1; then 200 GRPO steps, 8 images x 8
+    answers, the accuracy reward, the LLM trained in full (the vision tower frozen, as in ms-swift). Options given
+    on the command line still win."""
     import train_sft
     from minivl import demo
 
@@ -252,7 +250,8 @@ def main(argv=None):
     if args.beta and args.train_type == "full":  # LoRA's reference is the model with its adapters off
         frozen = checkpoint.load(args.ref_model or args.model, dtype=proc.dtype, device=proc.device)
         reference = rollouts.CompletionLogprobs(frozen.eval().requires_grad_(False), args.temperature, proc.dtype)
-    funcs = rewards.load_reward_funcs(args.reward_funcs, args.external_plugins, args.reward_weights, args, args.seed)
+    funcs = rewards.load_reward_funcs(args.reward_funcs, args.external_plugins, args.reward_weights, args,
+                                      args.seed)
 
     # --- data: prompts, `prompts_per_round` of them a round in each process
     rows, val_rows = training.load_data(args, data_rl.load_prompt_rows)
@@ -274,18 +273,16 @@ def main(argv=None):
     optimizer, scheduler = training.make_optimizer(trainable, args, total_steps, proc)
     state = training.start_state(resume, model, optimizer, scheduler, args, proc)
     state.update({k: state.get(k, v) for k, v in (("rounds", 0), ("round_start", [0, 0]), ("round_used", 0))})
-    skip = 0
-    if 0 < state["round_used"] < per_round * iters:  # saved inside a round: a fresh round of the same prompts
+    skip = state["round_used"] if 0 < state["round_used"] < per_round * iters else 0
+    if skip:  # saved inside a round: a fresh round of the same prompts, less the micro-batches trained on
         (state["epoch"], state["micro_batch"]), state["rounds"] = state["round_start"], state["rounds"] - 1
-        skip = state["round_used"]
     completions = output_dir / "completions.jsonl"
     if resume is not None:  # the interrupted run's later completions go
         rollouts.write_completions(completions, proc, [], keep_until=state["global_step"])
 
     def sample(prompts, n, seed):
-        """n completions of each prompt, scored -> (Generation, texts, (N, F) rewards of each function, (N,) their
-        weighted sum). A reward function that fails raises RewardFunctionError naming it: nothing of the step is
-        saved, the checkpoints stay as they were."""
+        """n completions of each prompt, scored -> (Generation, texts, (N, F) rewards, (N,) their weighted sum). A
+        reward function that fails raises RewardFunctionError naming it: the saved checkpoints stay as they were."""
         gen, texts = rollouts.rollout(model, processor, prompts, n, args.max_completion_length, args.temperature,
                                       args.top_p, args.top_k, seed)
         trainer_state = SimpleNamespace(global_step=state["global_step"], max_steps=total_steps)
@@ -313,7 +310,8 @@ def main(argv=None):
                     rnd.ref.append((reference or policy)(*inputs)[0] if args.beta else None)
         metrics = {**rewards.reward_metrics(everyone[:, :F], everyone[:, F], funcs, G),
                    **rollouts.length_metrics(everyone[:, F + 1], everyone[:, F + 2])}
-        state["num_tokens"] += (sum(len(p["input_ids"]) for _, p in prompts) * G + int(gen.lengths.sum())) * proc.world
+        state["num_tokens"] += (sum(len(p["input_ids"]) for _, p in prompts) * G + int(gen.lengths.sum())) \
+            * proc.world
         if args.log_completions:
             rollouts.write_completions(completions, proc, [
                 {"step": state["global_step"] + 1, "prompt": processor.decode(prompts[i // G][1]["input_ids"]),
@@ -331,7 +329,7 @@ def main(argv=None):
             gen, _, per_func, total = sample(prompts, n, args.seed)
             for key, x in {"eval_reward": total, "eval_completions/mean_length": gen.lengths.float(),
                            **{f"eval_rewards/{f.name}/mean": per_func[:, j] for j, f in enumerate(funcs)}}.items():
-                sums[key][0], sums[key][1] = sums[key][0] + float(x.nansum()), sums[key][1] + int((~x.isnan()).sum())
+                sums[key] = [sums[key][0] + float(x.nansum()), sums[key][1] + int((~x.isnan()).sum())]
         return training.reduce_means(sums, proc)
 
     # --- the loop: a micro-step trains on the next micro-batch of the round, a new round when it is spent
@@ -371,7 +369,7 @@ def main(argv=None):
                 gap = (sampled - rnd.gen.logprobs[idx, :logp.shape[1]].to(proc.device)).abs() * mask
                 loss_sums["sampling/sampling_logp_difference/mean"] = (float(gap.sum()), float(mask.sum()))
             for key, (total, count) in loss_sums.items():
-                sums[key][0], sums[key][1] = sums[key][0] + total, sums[key][1] + count
+                sums[key] = [sums[key][0] + total, sums[key][1] + count]
         grad_norm, lr = training.optimizer_step(optimizer, scheduler, params, args.max_grad_norm)
         seconds["time/train"] = time.time() - started_step - seconds["time/rollout"]
         state["global_step"] = step = state["global_step"] + 1
@@ -386,7 +384,7 @@ def main(argv=None):
             log.write(result)
         if training.due(step, save_every, total_steps):  # the best checkpoint: the highest eval reward
             path = training.save_checkpoint(model, args, state, optimizer, scheduler, proc, output_dir,
-                                            modules_to_save, metric=result.get("eval_reward"), greater_is_better=True)
+                                            modules_to_save, result.get("eval_reward"), greater_is_better=True)
             log.say(f"saved {path}")
     log.close(plot=["loss", "reward", "eval_reward"])
     proc.print(f"done in {time.time() - started:.0f} s; checkpoints in {output_dir}")

@@ -28,8 +28,8 @@ published config.json) or Qwen3-VL-8B, LoRA r 8, 8 prompts x 8 completions of L 
 (torch.cuda.set_per_process_memory_fraction), lengths tried in increasing order in one process (expandable
 segments, the cache emptied between lengths) until one runs out of memory. For each L the step's memory peaks are
 measured on its two largest parts: the rollout (the sampler allocates its whole KV cache, S = prompt + L slots, and
-the LoRA-folded weights before the first token: the bench runs prefill and a few decode steps of generate's code) and one
-micro-batch of full-length completions (reference log-probs, forward, backward, optimizer step); the other
+the LoRA-folded weights before the first token: the bench runs prefill and a few decode steps of generate's code)
+and one micro-batch of full-length completions (reference log-probs, forward, backward, optimizer step); the other
 micro-batches repeat that one. --lengths runs chosen lengths (e.g. one, to confirm a limit in a fresh process).
 """
 
@@ -165,8 +165,9 @@ def hf_functions(hf, cfg, args):
         hf.eval()  # in training mode transformers turns its KV cache off under gradient checkpointing
         out = hf.generate(**batch, mm_token_type_ids=(ids == cfg.image_token_id).int(), do_sample=True,
                           temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                          max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_return_sequences=args.generations,
-                          pad_token_id=0, suppress_tokens=sampler.vision_token_ids(cfg))
+                          max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                          num_return_sequences=args.generations, pad_token_id=0,
+                          suppress_tokens=sampler.vision_token_ids(cfg))
         hf.train()
         tokens = out[:, ids.shape[1]:].cpu()
         return SimpleNamespace(tokens=tokens, lengths=torch.full((len(tokens),), tokens.shape[1]))
@@ -229,7 +230,8 @@ def bench_step(args, device):
 
 def bench_max_length(args, device):
     if device == "cuda":
-        torch.cuda.set_per_process_memory_fraction(min(1.0, 78 * GiB / torch.cuda.get_device_properties(0).total_memory))
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 78 * GiB / total))
     cfg, model = build_model(config(args.shape, args.smoke), device, torch.bfloat16 if device == "cuda" else
                              torch.float32)
     model.requires_grad_(False)
@@ -239,7 +241,8 @@ def bench_max_length(args, device):
     batch = make_batch(cfg, args.prompts, device, torch.bfloat16 if device == "cuda" else torch.float32)
     print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; {args.shape} shape{' (smoke: tiny)' if args.smoke else ''}, LoRA r 8, "
-          f"{args.prompts} x {args.generations} completions, micro-batch {args.micro_batch}, memory capped at 78 GiB")
+          f"{args.prompts} x {args.generations} completions, micro-batch {args.micro_batch}, memory capped at "
+          "78 GiB")
     print("| completion tokens | rollout peak GiB | train peak GiB | fits |")
     print("|---|---|---|---|")
     fits = None

@@ -61,12 +61,13 @@ def length_metrics(lengths, truncated):
     """trl's completion metrics of completion lengths (N,) and whether each was truncated (N,)."""
     lengths = lengths.float()
     return {"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float(truncated.float().mean())}
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(truncated.float().mean())}
 
 
 def completion_inputs(processor, prompts, gen, idx, n, device="cpu"):
-    """(batch, starts (B,), targets (B, L)) of completions idx: each one's prompt followed by it, right-padded; where
-    each completion starts; its tokens, -100 past its end (the eos is a target: the policy chose to stop)."""
+    """(batch, starts (B,), targets (B, L)) of completions idx: each one's prompt followed by it, right-padded;
+    where each completion starts; its tokens, -100 past its end (the eos is a target: the policy chose to stop)."""
     lengths = gen.lengths[idx]
     encoded = [prompts[i // n][1] for i in idx]
     samples = [{**p, "input_ids": torch.cat([p["input_ids"], gen.tokens[i, :int(k)]])}
@@ -93,7 +94,8 @@ class CompletionLogprobs(nn.Module):
         at = starts[:, None] - 1 + torch.arange(targets.shape[1], device=hidden.device)  # (B, L)
         h = hidden.gather(1, at.clamp(max=hidden.shape[1] - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
         weight = self.model.lm_head.weight.to(self.compute_dtype)  # (V, D)
-        return linear_token_logprobs(h.to(self.compute_dtype), weight, targets, self.temperature, return_entropy=True)
+        return linear_token_logprobs(h.to(self.compute_dtype), weight, targets, self.temperature,
+                                     return_entropy=True)
 
 
 def write_completions(path, proc, lines, keep_until=None):

@@ -68,14 +68,14 @@ def made(tmp_path_factory):
     reward plugin file beside them."""
     paths = demo.make_demo(tmp_path_factory.mktemp("demo") / "demo_data")
     records = [json.loads(line) for line in paths["train"].read_text().splitlines()]
-    grpo = [{"images": r["images"], "messages": [{"role": "user", "content": r["query"]}], "solution": r["response"]}
-            for r in records]
+    grpo = [{"images": r["images"], "messages": [{"role": "user", "content": r["query"]}],
+             "solution": r["response"]} for r in records]
     for name, n in (("grpo.jsonl", 16), ("grpo_small.jsonl", 2)):
         (paths["train"].parent / name).write_text("".join(json.dumps(r) + "\n" for r in grpo[:n]))
     plugin = paths["train"].parent / "RandomReward.py"
     plugin.write_text(RANDOM_REWARD)
-    return {**paths, "grpo": paths["train"].parent / "grpo.jsonl", "small": paths["train"].parent / "grpo_small.jsonl",
-            "plugin": plugin}
+    folder = paths["train"].parent
+    return {**paths, "grpo": folder / "grpo.jsonl", "small": folder / "grpo_small.jsonl", "plugin": plugin}
 
 
 def run(made, out, *extra):
@@ -144,7 +144,8 @@ def test_the_loss_equals_a_hand_computation(loss_type, level, clipped, beta):
     expected, low, high = hand_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), lengths, loss_type,
                                     level, beta, 0.2, 0.28, 6)
     assert float(loss) == pytest.approx(expected, rel=1e-12)
-    assert sums["clip_ratio/low_mean"] == (low, sum(lengths)) and sums["clip_ratio/high_mean"] == (high, sum(lengths))
+    assert sums["clip_ratio/low_mean"] == (low, sum(lengths))
+    assert sums["clip_ratio/high_mean"] == (high, sum(lengths))
     assert sums["clip_ratio/region_mean"][0] == low + high
     assert (low > 0 and high > 0) == clipped  # both sides of the clip range are exercised
     if beta:
@@ -261,13 +262,14 @@ def test_an_ms_swift_plugin_gets_the_solutions(made, tmp_path):
     assert [x["step"] for x in lines] == [1] * 8 + [2] * 8
 
 
-@pytest.mark.parametrize("name, message", [("boom", "reward function 'boom' raised KeyError: 'no such column'"),
-                                           ("short", "reward function 'short' returned 7 rewards for 8 completions")])
+@pytest.mark.parametrize("name, message", [
+    ("boom", "reward function 'boom' raised KeyError: 'no such column'"),
+    ("short", "reward function 'short' returned 7 rewards for 8 completions")])
 def test_a_failing_reward_function_stops_the_run_by_name(made, tmp_path, name, message):
     """boom fails at its second call (step 2), short at once; the checkpoint of step 1 stays as it was saved."""
     with pytest.raises(rewards.RewardFunctionError, match=message):
-        run(made, tmp_path, "--external_plugins", made["plugin"], "--reward_funcs", name, "--save_strategy", "steps",
-            "--save_steps", 1)
+        run(made, tmp_path, "--external_plugins", made["plugin"], "--reward_funcs", name, "--save_strategy",
+            "steps", "--save_steps", 1)
     saved = sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name)
     assert saved == (["checkpoint-1"] if name == "boom" else [])
     if name == "boom":
@@ -278,7 +280,8 @@ def test_a_failing_reward_function_stops_the_run_by_name(made, tmp_path, name, m
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(generation_batch_size=12, per_device_train_batch_size=4), "--generation_batch_size 12 is not a multiple of --num_generations 8"),
+    (dict(generation_batch_size=12, per_device_train_batch_size=4),
+     "--generation_batch_size 12 is not a multiple of --num_generations 8"),
     (dict(per_device_train_batch_size=3, gradient_accumulation_steps=2), "--generation_batch_size 6 is not a "
                                                                          "multiple of --num_generations 8"),
     (dict(generation_batch_size=10, per_device_train_batch_size=4), "not a multiple of --per_device_train_batch"),
@@ -438,9 +441,9 @@ def test_two_processes(made, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIVL_KERNELS": "reference",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     argv = ["--model", made["model"], "--dataset", made["grpo"], "--output_dir", tmp_path, "--external_plugins",
-            made["plugin"], "--reward_funcs", "varied", "--num_generations", 4, "--per_device_train_batch_size", 4, "--max_completion_length", 4,
-            "--max_steps", 2, "--logging_steps", 1, "--report_to", "none", "--log_completions", "true",
-            "--save_steps", 2, "--gradient_checkpointing", "false"]
+            made["plugin"], "--reward_funcs", "varied", "--num_generations", 4, "--per_device_train_batch_size", 4,
+            "--max_completion_length", 4, "--max_steps", 2, "--logging_steps", 1, "--report_to", "none",
+            "--log_completions", "true", "--save_steps", 2, "--gradient_checkpointing", "false"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train_grpo.py"), *map(str, argv)], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)

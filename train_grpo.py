@@ -119,7 +119,8 @@ def generation_plan(args, world, n_prompts=None):
                          f"processes = {per_micro}")
     if size % G:
         raise SystemExit(f"--generation_batch_size {size} is not a multiple of --num_generations {G}: a round "
-                         f"samples whole groups of {G} completions of one prompt")
+                         f"samples whole groups of {G} completions of one prompt (set --generation_batch_size, or "
+                         "raise --per_device_train_batch_size or --gradient_accumulation_steps)")
     if size // G % world:
         raise SystemExit(f"--generation_batch_size {size} makes {size // G} groups for {world} processes: each "
                          "process samples whole groups, so they must share them evenly")

@@ -309,3 +309,29 @@ def total_reward(per_func, funcs):
     total = (per_func * weights).nansum(dim=1)
     total[per_func.isnan().all(dim=1)] = math.nan
     return total
+
+
+def score_rows(funcs, rows, completions, **kwargs):
+    """(N, F) rewards (score) and (N,) their weighted sum (total_reward) of completions of data rows, one row per
+    completion: the rows' columns go to the functions by name, with kwargs (trainer_state, ...)."""
+    per_func = score(funcs, completions, **batch_columns(rows), **kwargs)
+    return per_func, total_reward(per_func, funcs)
+
+
+def nanstd(x):
+    """The Bessel-corrected std of the values that are not NaN (0 for fewer than two), as a float."""
+    x = x[~x.isnan()]
+    return float(x.std()) if len(x) > 1 else 0.0
+
+
+def reward_metrics(per_func, total, funcs, group):
+    """trl's reward metrics of completions in groups of `group` answers to one prompt: reward (the mean weighted
+    sum), reward_std (the mean of the groups' stds), frac_reward_zero_std (the share of groups whose rewards are all
+    alike: no signal), rewards/<name>/mean and /std."""
+    group_std = torch.tensor([nanstd(g) for g in total.view(-1, group)])
+    metrics = {"reward": float(total.nanmean()), "reward_std": float(group_std.mean()),
+               "frac_reward_zero_std": float(torch.isclose(group_std, torch.zeros(())).float().mean())}
+    for j, f in enumerate(funcs):
+        metrics[f"rewards/{f.name}/mean"], metrics[f"rewards/{f.name}/std"] = (float(per_func[:, j].nanmean()),
+                                                                             nanstd(per_func[:, j]))
+    return metrics

@@ -540,6 +540,14 @@ class Process:
             dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, t):
+        """t (n, ...) of every process (each the same shape), concatenated in rank order, on the CPU."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t, device=self.device) for _ in range(self.world)]
+        dist.all_gather(parts, t.to(self.device))
+        return torch.cat(parts).cpu()
+
 
 def init_process(args):
     """One process per GPU under torchrun (the NCCL process group; gloo on the CPU), else one process on GPU 0
@@ -1056,7 +1064,7 @@ def reduce_means(sums, proc):
 
 # what a run writes into its output directory; --overwrite_output_dir removes these and nothing else
 RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", "logging.jsonl", "args.json", "runs", "wandb", "swanlog",
-               "training_*.png")
+               "training_*.png", "completions.jsonl")
 
 
 def prepare_output(args, proc):

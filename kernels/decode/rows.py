@@ -311,7 +311,7 @@ if triton_available():
         if not GREEDY:  # Gumbel noise of (seed, step, row, token): the sampler's uniforms
             seed = tl.load(seed_ptr)
             first = ((seed & 0xFFFFFFFF) ^ tl.load(step_ptr)).to(tl.uint32)
-            key = _hash32(_hash32(first) ^ (tl.load(row0_ptr) + n).to(tl.uint32))  # row n's index in the whole batch
+            key = _hash32(_hash32(first) ^ (tl.load(row0_ptr) + n).to(tl.uint32))  # global row
             bits = _hash32(cols.to(tl.uint32) ^ key) >> 8  # 24 random bits
             u = (bits.to(tl.float32) + 0.5) * 5.9604644775390625e-08  # * 2**-24: uniform in (0, 1)
             draw = x - tl.log(-tl.log(u))  # tl.log, as inductor's compiled tail computed it

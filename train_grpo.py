@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 import torch
 
-from minivl import checkpoint, data_rl, lora, rewards, rollouts, training
+from minivl import data_rl, lora, rewards, rollouts, training
 
 # ----------------------------------------------------------------------------------------------- arguments
 
@@ -249,8 +249,8 @@ def main(argv=None):
     step_module = training.wrap_ddp(policy, proc)
     reference = None
     if args.beta and args.train_type == "full":  # LoRA's reference is the model with its adapters off
-        frozen = checkpoint.load(args.ref_model or args.model, dtype=proc.dtype, device=proc.device)
-        reference = rollouts.CompletionLogprobs(frozen.eval().requires_grad_(False), args.temperature, proc.dtype)
+        frozen = training.load_reference(args.ref_model or args.model, proc)  # FSDP2: sharded as the model is
+        reference = rollouts.CompletionLogprobs(frozen, args.temperature, proc.dtype)
     funcs = rewards.load_reward_funcs(args.reward_funcs, args.external_plugins, args.reward_weights, args,
                                       args.seed)
 
@@ -281,19 +281,21 @@ def main(argv=None):
     if resume is not None:  # the interrupted run's later completions go
         rollouts.write_completions(completions, proc, [], keep_until=state["global_step"])
 
-    def sample(prompts, n, seed):
-        """n completions of each prompt, scored -> (Generation, texts, (N, F) rewards, (N,) their weighted sum). A
-        reward function that fails raises RewardFunctionError naming it: the saved checkpoints stay as they were."""
-        gen, texts = rollouts.rollout(model, processor, prompts, n, args.max_completion_length, args.temperature,
-                                      args.top_p, args.top_k, seed)
+    def sample(whole, prompts, n, seed, first_row):
+        """n completions of each prompt by `whole` (training.whole_model), numbered from first_row in the noise,
+        scored -> (Generation, texts, (N, F) rewards, (N,) their weighted sum). A reward function that fails raises
+        RewardFunctionError naming it: the saved checkpoints stay as they were."""
+        gen, texts = rollouts.rollout(whole, processor, prompts, n, args.max_completion_length, args.temperature,
+                                      args.top_p, args.top_k, seed, first_row)
         trainer_state = SimpleNamespace(global_step=state["global_step"], max_steps=total_steps)
         rows = [row for row, _ in prompts for _ in range(n)]
         return gen, texts, *rewards.score_rows(funcs, rows, texts, trainer_state=trainer_state)
 
     def make_round(prompts):
         """Sample, score and prepare one round of this process -> (Round, its metrics over all processes)."""
-        gen, texts, per_func, total = sample(prompts, G, (args.seed * 1_000_003 + state["rounds"] * proc.world
-                                                          + proc.rank) % 2**31)
+        seed = (args.seed * 1_000_003 + state["rounds"]) % 2**31  # a round's; its rows numbered over all processes
+        with training.whole_model(model, proc) as whole:  # --- distributed: each process samples its own groups
+            gen, texts, per_func, total = sample(whole, prompts, G, seed, proc.rank * len(prompts) * G)
         mask = torch.arange(gen.tokens.shape[1]) < gen.lengths[:, None]  # (N, L) the sampled tokens, eos included
         mask &= ~(gen.truncated[:, None] & args.overlong_filter)  # --overlong_filter: truncated ones count nothing
         n, F = len(texts), len(funcs)
@@ -326,8 +328,10 @@ def main(argv=None):
     def evaluate():
         """Mean rewards of completions sampled for the eval prompts (the same seed each time), all processes."""
         n, sums = args.num_generations_eval or G, collections.defaultdict(lambda: [0.0, 0])
-        for prompts in training.eval_batches(val_rows, collate, max(1, args.per_device_eval_batch_size // n), proc):
-            gen, _, per_func, total = sample(prompts, n, args.seed)
+        shares = rollouts.eval_shares(val_rows, max(1, args.per_device_eval_batch_size // n), proc)
+        with training.whole_model(model, proc) as whole:  # every process, whatever its share
+            scored = [sample(whole, collate(part), n, args.seed, first * n) for first, part in shares]
+        for gen, _, per_func, total in scored:
             for key, x in {"eval_reward": total, "eval_completions/mean_length": gen.lengths.float(),
                            **{f"eval_rewards/{f.name}/mean": per_func[:, j] for j, f in enumerate(funcs)}}.items():
                 sums[key] = [sums[key][0] + float(x.nansum()), sums[key][1] + int((~x.isnan()).sum())]

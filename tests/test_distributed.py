@@ -82,11 +82,11 @@ def argv(paths, out, mode, world, *extra):
                              "--output_dir", out, *extra]]
 
 
-def torchrun(args, *launcher, timeout=300):
-    """The trainer under torchrun (2 processes of this machine unless `launcher` says otherwise)."""
+def torchrun(args, *launcher, timeout=300, script="train_sft.py"):
+    """A trainer under torchrun (2 processes of this machine unless `launcher` says otherwise)."""
     launcher = launcher or ("--standalone", "--nproc_per_node", "2")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "train_sft.py"),
-                           *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / script),
+                           *map(str, args)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def logged(out):
@@ -316,6 +316,139 @@ def test_fsdp2_on_qwen3_vl(tmp_path):
                            __file__, str(model)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.count("sharded Qwen3-VL: ok") == 2
+
+
+# ------------------------------------------------------------------------------------ DPO and GRPO, slow
+
+REWARDS = """
+import os
+
+CALLS = []
+
+
+def varied(completions, **kwargs):
+    return [float(len(set(c)) % 3) for c in completions]
+
+
+def fails_in_rank_1(completions, **kwargs):
+    CALLS.append(1)
+    if os.environ.get("RANK") == "1" and len(CALLS) == 2:
+        raise ValueError("a bad sample")
+    return varied(completions)
+"""
+
+
+@pytest.fixture(scope="module")
+def rl_data(paths):
+    """DPO's demo pairs, 3 of the eval pairs; the demo rows as GRPO prompts, 3 eval prompts; a reward plugin."""
+    pairs = demo.make_preference_pairs(paths)
+    folder = paths["train"].parent
+    (folder / "pairs_val3.jsonl").write_text("".join(pairs["test"].read_text().splitlines(True)[:3]))
+    (folder / "rewards.py").write_text(REWARDS)
+    return {"dpo": pairs["train"], "dpo_val": folder / "pairs_val3.jsonl", "grpo": paths["train"],
+            "grpo_val": paths["val"], "plugin": folder / "rewards.py"}
+
+
+def rl_argv(script, paths, rl_data, out, mode, world, *extra):
+    """3 steps of 4 samples: DPO 2 pairs per micro-batch (one process: 2; two: 1 each) x 2 micro-batches; GRPO
+    2 prompts x 2 completions a round (two processes: a prompt each), sampled and trained on in one step. A
+    reference in both (adapters off, or a frozen copy sharded as the model); 3 eval pairs or prompts, 2 in one
+    process and 1 in the other."""
+    task = ["--beta", 0.5] if script == "train_dpo.py" else [
+        "--num_generations", 2, "--max_completion_length", 4, "--temperature", 1.0, "--top_k", 0, "--top_p", 1.0,
+        "--beta", 0.1, "--external_plugins", rl_data["plugin"], "--reward_funcs", "varied"]
+    kind = script.split("_")[1].split(".")[0]
+    return [str(a) for a in ["--model", paths["model"], "--dataset", rl_data[kind], "--val_dataset",
+                             rl_data[kind + "_val"], *MODES[mode], *task,
+                             "--per_device_train_batch_size", 2 // world, "--per_device_eval_batch_size",
+                             1 if kind == "dpo" else 2, "--gradient_accumulation_steps", 2, "--max_steps", 3,
+                             "--logging_steps", 1, "--save_steps", 2, "--eval_steps", 3, "--report_to", "none",
+                             "--warmup_ratio", 0, "--gradient_checkpointing", "false", "--output_dir", out,
+                             *extra]]
+
+
+def rl_run(script, args, world):
+    """A DPO or GRPO run in this process (world 1) or under torchrun with 2 processes."""
+    if world == 1:
+        __import__(script[:-3]).main(args)
+    else:
+        done = torchrun(args, script=script)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+
+@pytest.fixture(scope="module")
+def rl_one_process(paths, rl_data, tmp_path_factory):
+    """One process of each trainer and mode, made on first use."""
+    made = {}
+
+    def get(script, mode):
+        if (script, mode) not in made:
+            made[script, mode] = tmp_path_factory.mktemp(f"one-{script[:-3]}-{mode}")
+            rl_run(script, rl_argv(script, paths, rl_data, made[script, mode], mode, 1), 1)
+        return made[script, mode]
+    return get
+
+
+def assert_same_rl_run(got, expected, eval_key):
+    """assert_same_run's checks for DPO and GRPO: losses (GRPO's first is about 0: its old policy is the one
+    training, so the ratio is 1), gradient norms, the eval metric, the weights of the last checkpoint."""
+    first, *later = losses(got)
+    assert first == pytest.approx(losses(expected)[0], rel=1e-5, abs=1e-7)
+    assert later == pytest.approx(losses(expected)[1:], rel=1e-3, abs=1e-6)
+    assert losses(got, "grad_norm") == pytest.approx(losses(expected, "grad_norm"), rel=1e-3)
+    assert losses(got, eval_key) == pytest.approx(losses(expected, eval_key), rel=1e-5)
+    same_weights(Path(got) / "checkpoint-3", Path(expected) / "checkpoint-3", atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, mode", [("train_dpo.py", "lora"), ("train_dpo.py", "full"),
+                                          ("train_grpo.py", "lora"), ("train_grpo.py", "full")],
+                         ids=["dpo-lora-ddp", "dpo-full-fsdp2", "grpo-lora-ddp", "grpo-full-fsdp2"])
+def test_dpo_and_grpo_in_two_processes_train_as_one(script, mode, paths, rl_data, rl_one_process, tmp_path):
+    """3 steps of DPO and of GRPO, LoRA replicated (DDP) and full fine-tuning sharded (FSDP2, the frozen
+    reference sharded too), equal to one process: GRPO's two processes sample their own prompts from the whole
+    weights and draw the completions one process draws (the noise keyed by the row in the whole round), with
+    a deterministic reward; the eval, 2 prompts or pairs in one process and 1 in the other, is the same too."""
+    done = rl_run(script, rl_argv(script, paths, rl_data, tmp_path, mode, 2), 2)
+    assert ("DDP over 2 processes" if mode == "lora" else "FSDP2 over 2 processes") in done.stdout
+    one = rl_one_process(script, mode)
+    assert_same_rl_run(tmp_path, one, "eval_loss" if script == "train_dpo.py" else "eval_reward")
+    if script == "train_grpo.py":
+        assert len(set(losses(one, "reward"))) > 1 and losses(tmp_path, "reward") == losses(one, "reward")
+        assert max(losses(tmp_path, "kl")) > 0
+
+
+@pytest.mark.slow
+def test_a_grpo_checkpoint_resumes_on_another_number_of_processes(paths, rl_data, rl_one_process, tmp_path):
+    """GRPO (LoRA): the checkpoint of step 2 written by 2 processes continues in 1, and one written by 1 continues
+    in 2, with the step 3 of the run that wrote it: the same prompts, the same completions, the same update."""
+    script = "train_grpo.py"
+    one = rl_one_process(script, "lora")
+    two = tmp_path / "two"
+    rl_run(script, rl_argv(script, paths, rl_data, two, "lora", 2), 2)
+    for world, source in ((1, two), (2, one)):
+        out = tmp_path / f"into-{world}"
+        rl_run(script, rl_argv(script, paths, rl_data, out, "lora", world, "--resume_from_checkpoint",
+                               source / "checkpoint-2"), world)
+        assert losses(out, "reward")[-1] == losses(source, "reward")[-1]
+        assert losses(out)[-1] == pytest.approx(losses(source)[-1], rel=1e-5, abs=1e-7)
+        assert losses(out, "grad_norm")[-1] == pytest.approx(losses(source, "grad_norm")[-1], rel=1e-5)
+        same_weights(out / "checkpoint-3", source / "checkpoint-3")
+
+
+@pytest.mark.slow
+def test_a_failing_grpo_process_stops_all_and_keeps_the_last_checkpoint(paths, rl_data, tmp_path):
+    """The second process's reward function fails in step 2: every process exits non-zero, soon, with that
+    process's rank and the function's error; checkpoint-1 stays whole."""
+    args = rl_argv("train_grpo.py", paths, rl_data, tmp_path, "lora", 2, "--save_steps", 1, "--reward_funcs",
+                   "fails_in_rank_1")
+    started = time.time()
+    done = torchrun(args, timeout=120, script="train_grpo.py")
+    assert done.returncode != 0 and time.time() - started < 90
+    assert "rank 1: RewardFunctionError" in done.stderr and "a bad sample" in done.stderr
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
 
 
 # -------------------------------------------------------------------------------- the two-process script

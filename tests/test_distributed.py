@@ -382,11 +382,12 @@ def rl_one_process(paths, rl_data, tmp_path_factory):
     """One process of each trainer and mode, made on first use."""
     made = {}
 
-    def get(script, mode):
-        if (script, mode) not in made:
-            made[script, mode] = tmp_path_factory.mktemp(f"one-{script[:-3]}-{mode}")
-            rl_run(script, rl_argv(script, paths, rl_data, made[script, mode], mode, 1), 1)
-        return made[script, mode]
+    def get(script, mode, *extra):
+        key = (script, mode, *extra)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp(f"one-{script[:-3]}-{mode}")
+            rl_run(script, rl_argv(script, paths, rl_data, made[key], mode, 1, *extra), 1)
+        return made[key]
     return get
 
 
@@ -402,17 +403,21 @@ def assert_same_rl_run(got, expected, eval_key):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, mode", [("train_dpo.py", "lora"), ("train_dpo.py", "full"),
-                                          ("train_grpo.py", "lora"), ("train_grpo.py", "full")],
-                         ids=["dpo-lora-ddp", "dpo-full-fsdp2", "grpo-lora-ddp", "grpo-full-fsdp2"])
-def test_dpo_and_grpo_in_two_processes_train_as_one(script, mode, paths, rl_data, rl_one_process, tmp_path):
+@pytest.mark.parametrize("script, mode, precompute", [
+    ("train_dpo.py", "lora", False), ("train_dpo.py", "full", False), ("train_dpo.py", "full", True),
+    ("train_grpo.py", "lora", False), ("train_grpo.py", "full", False)],
+    ids=["dpo-lora-ddp", "dpo-full-fsdp2", "dpo-full-fsdp2-precomputed", "grpo-lora-ddp", "grpo-full-fsdp2"])
+def test_dpo_and_grpo_in_two_processes_train_as_one(script, mode, precompute, paths, rl_data, rl_one_process,
+                                                    tmp_path):
     """3 steps of DPO and of GRPO, LoRA replicated (DDP) and full fine-tuning sharded (FSDP2, the frozen
-    reference sharded too), equal to one process: GRPO's two processes sample their own prompts from the whole
-    weights and draw the completions one process draws (the noise keyed by the row in the whole round), with
-    a deterministic reward; the eval, 2 prompts or pairs in one process and 1 in the other, is the same too."""
-    done = rl_run(script, rl_argv(script, paths, rl_data, tmp_path, mode, 2), 2)
+    reference sharded too; DPO also with the reference's log-probs precomputed), equal to one process: GRPO's
+    two processes sample their own prompts from the whole weights and draw the completions one process draws
+    (the noise keyed by the row in the whole round), with a deterministic reward; the eval, 2 prompts or pairs
+    in one process and 1 in the other, is the same too."""
+    extra = ["--precompute_ref_log_probs", "true"] if precompute else []
+    done = rl_run(script, rl_argv(script, paths, rl_data, tmp_path, mode, 2, *extra), 2)
     assert ("DDP over 2 processes" if mode == "lora" else "FSDP2 over 2 processes") in done.stdout
-    one = rl_one_process(script, mode)
+    one = rl_one_process(script, mode, *extra)
     assert_same_rl_run(tmp_path, one, "eval_loss" if script == "train_dpo.py" else "eval_reward")
     if script == "train_grpo.py":
         assert len(set(losses(one, "reward"))) > 1 and losses(tmp_path, "reward") == losses(one, "reward")
@@ -456,9 +461,11 @@ def test_a_failing_grpo_process_stops_all_and_keeps_the_last_checkpoint(paths, r
 def check_sharded_qwen3(model_dir):
     """In each of 2 processes: the Qwen3-VL demo fully fine-tuned under FSDP2, the first process with a text-only
     batch, the second with an image (the vision tower and its DeepStack mergers run on a stand-in in the
-    first). The gradients, gathered, equal those of one unsharded model on the mean of both losses; the
-    whole_model copy gives the unsharded logits; each process then decodes a different number of tokens
+    first). The gradients, gathered, equal those of one unsharded model on the mean of both losses; a frozen
+    reference (load_reference) is sharded too; it and the whole_model copy give the unsharded logits; each process then decodes a different number of tokens
     from the copy, and a training step after it still runs in step."""
+    from torch.distributed.tensor import DTensor
+
     args = train_sft.parse_args(["--model", model_dir, "--dataset", "unused", *map(str, MODES["full"])])
     proc = training.init_process(args)
     model, processor = training.load_model(args, proc)
@@ -479,6 +486,10 @@ def check_sharded_qwen3(model_dir):
         grad = training.whole_tensor(p.grad)
         assert torch.allclose(grad, q.grad, rtol=1e-4, atol=1e-6), (name, float((grad - q.grad).abs().max()))
     assert any(n.startswith("model.visual.deepstack") for n, _ in model.named_parameters())
+    frozen = training.load_reference(model_dir, proc)  # DPO's and GRPO's reference: sharded as the model
+    assert all(isinstance(p, DTensor) and not p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():
+        assert torch.allclose(frozen(**batches[proc.rank]), reference(**batches[proc.rank]), atol=1e-5)
     with training.whole_model(model, proc) as whole, torch.no_grad():
         assert torch.allclose(whole(**batches[1]), reference(**batches[1]), atol=1e-5)
         prompt = processor([[{"role": "user", "content": "Say hello."}]], add_generation_prompt=True)

@@ -5,7 +5,7 @@
     python train_dpo.py --rlhf_type dpo --model Qwen/Qwen2-VL-7B-Instruct --dataset llamafactory/RLHF-V \\
         --train_type lora --beta 0.1 --learning_rate 5e-6 --gradient_accumulation_steps 8 --output_dir output
     python train_dpo.py qwen2vl_lora_dpo.yaml     # a LLaMA-Factory config (stage: dpo); then key=value overrides
-    NPROC_PER_NODE=4 python train_dpo.py ...      # several GPUs of one host (DDP), as ms-swift launches it
+    NPROC_PER_NODE=4 python train_dpo.py ...      # 4 GPUs: LoRA under DDP, full under FSDP2 (train_sft.py)
 
 `swift rlhf --rlhf_type dpo|orpo|simpo` runs with `swift rlhf` replaced by `python train_dpo.py`; the shared
 options, outputs and exact resume are train_sft.py's (minivl/training.py), the data formats minivl/data_rl.py's.
@@ -17,10 +17,10 @@ over the step's pairs (all micro-batches, all GPUs) plus alpha x the NLL of the 
 chosen tokens of the step (ms-swift's and trl's normalisation; LLaMA-Factory's pref_ftx averages per answer first,
 the same when the chosen answers are equally long): however the batch is split, the loss and gradient agree.
 Alpha: --rpo_alpha (dpo; default none), 1 (orpo), --cpo_alpha (simpo: ms-swift runs it as trl's CPO).
-Reference (dpo): with LoRA the same model with its adapters off (lora.disabled, no second copy); with full
-training a frozen copy of --model (or --ref_model); --precompute_ref_log_probs: its log-probs of every pair once,
-before training (no copy stays); --reference_free: a uniform reference. A LoRA run that trains modules in full
-(modules_to_save: lora_llm with the vision unfrozen) keeps no original of them: it needs the precomputed ones.
+Reference (dpo): with LoRA the model with its adapters off (lora.disabled, no second copy); with full training a
+frozen copy of --model (or --ref_model), sharded as the model is; --precompute_ref_log_probs: its log-probs of
+every pair once, before training (no copy stays); --reference_free: a uniform reference. A LoRA run that trains
+modules in full (modules_to_save: lora_llm with the vision unfrozen) keeps no original of them: it needs those.
 
 Metrics, trl's names and signs: rewards/chosen = beta (log pi(y+) - log ref(y+)) (orpo, simpo: beta log pi(y+)),
 rewards/rejected, /accuracies (a tie counts 0), /margins, logps/*, logits/*, nll_loss, loss; eval_* of each.

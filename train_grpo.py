@@ -3,7 +3,7 @@
     python train_grpo.py                          # the demo: a short SFT warm start, then GRPO raises its accuracy
     python train_grpo.py --rlhf_type grpo --model Qwen/Qwen2.5-VL-3B-Instruct --dataset train_grpo.jsonl \\
         --reward_funcs accuracy my_reward --external_plugins plugin.py --train_type lora --output_dir output/grpo
-    NPROC_PER_NODE=4 python train_grpo.py ...      # several GPUs (DDP), as ms-swift launches it
+    NPROC_PER_NODE=4 python train_grpo.py ...     # 4 GPUs: LoRA under DDP, full under FSDP2 (train_sft.py)
 
 A `swift rlhf --rlhf_type grpo` command runs with `swift rlhf` replaced by `python train_grpo.py`; its vLLM options
 are accepted with one note, since rollouts come from minivl's KV-cache sampler in this process (minivl/rollouts.py).
@@ -14,7 +14,9 @@ Batches as trl counts them: --per_device_train_batch_size counts completions; a 
 (default: accumulation) --num_iterations times. Where a round's passes fit one optimizer step (the default) the
 policy that sampled is the one training; else its log-probs come from a forward right after sampling. Log-probs are
 at the sampling temperature, from hidden states (no tokens x vocabulary logits); the reference is the model with its
-adapters off (LoRA) or a frozen --ref_model / --model (full), none with --beta 0.
+adapters off (LoRA) or a frozen --ref_model / --model (full, sharded as the model), none with --beta 0. Each
+process samples its groups from the weights gathered whole, a completion's noise keyed by its row in the
+round of all processes, so that any number of processes draws the same completions.
 
 Reads top to bottom: arguments, the loss (each formula beside its line), the loop; the rest is minivl/training.py's
 (checkpoints, resume, LoRA, logging, the progress bar). A run resumed inside a round (a round longer than a step)

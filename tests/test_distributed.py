@@ -184,6 +184,18 @@ def test_each_process_the_same_number_of_eval_batches():
     assert [b["x"].tolist() for b in training.eval_batches(rows, collate, 1, procs[1])] == [[1]]
 
 
+def test_grpo_eval_prompts_are_a_contiguous_share_of_each_process():
+    """5 prompts, 2 a batch, 2 processes: the first process takes prompts 0-2, the second 3-4, each batch with the
+    index of its first prompt, from which its completions' rows in the sampling noise count."""
+    from minivl import rollouts
+
+    procs = [training.Process(torch.device("cpu"), torch.float32, rank, rank, 2) for rank in (0, 1)]
+    assert [rollouts.eval_shares(list("abcde"), 2, p) for p in procs] == [[(0, ["a", "b"]), (2, ["c"])],
+                                                                           [(3, ["d", "e"])]]
+    assert rollouts.eval_shares(list("abc"), 2, training.Process(torch.device("cpu"), torch.float32)) == [
+        (0, ["a", "b"]), (2, ["c"])]
+
+
 def test_the_data_position_in_rows_moves_between_process_counts():
     """Saved by 2 processes of 1 row after 4 micro-batches (8 rows): one process of 2 rows continues at its
     micro-batch 4, one of 4 rows at its micro-batch 2; one of 3 rows cannot continue exactly."""

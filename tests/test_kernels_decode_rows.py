@@ -201,8 +201,8 @@ for qk_norm, ns in ((False, 3), (True, 1)):
     build(dr._attend_rows_kernel, pointers, dict(S="i32", group="i32", prompt="i32", eps="fp32", qk_scale="fp32"),
           dict(H=16, K=2, G=8, GP=16, DH=128, BS=32, PER_SPLIT=9, NS=ns, QK_NORM=qk_norm, F32=False, STAGES=3,
                SCAN=1024))
-build(dr._sample_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
-      f_ptr="*fp32", at_ptr="*i32"), dict(V="i32", NB="i32", temperature="fp32"),
+build(dr._sample_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", seed_ptr="*i64", row0_ptr="*i64",
+      step_ptr="*i64", f_ptr="*fp32", at_ptr="*i32"), dict(V="i32", NB="i32", temperature="fp32"),
       dict(BLOCK=4096, NBP=8, GREEDY=False))
 build(dr._sample_record_kernel, dict(f_ptr="*fp32", at_ptr="*i32", logits_ptr=bf, eos_ptr="*i64", token_ptr="*i64",
       step_ptr="*i64", done_ptr="*i1", lengths_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32"),

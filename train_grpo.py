@@ -315,8 +315,8 @@ def main(argv=None):
                     rnd.ref.append((reference or policy)(*inputs)[0] if args.beta else None)
         metrics = {**rewards.reward_metrics(everyone[:, :F], everyone[:, F], funcs, G),
                    **rollouts.length_metrics(everyone[:, F + 1], everyone[:, F + 2])}
-        state["num_tokens"] += (sum(len(p["input_ids"]) for _, p in prompts) * G + int(gen.lengths.sum())) \
-            * proc.world
+        state["num_tokens"] += int(proc.all_sum(sum(len(p["input_ids"]) for _, p in prompts) * G)[0]
+                                   + everyone[:, F + 1].sum())  # prompts and completions, all processes
         if args.log_completions:
             rollouts.write_completions(completions, proc, [
                 {"step": state["global_step"] + 1, "prompt": processor.decode(prompts[i // G][1]["input_ids"]),

@@ -411,25 +411,27 @@ def assert_same_rl_run(got, expected, eval_key):
     assert later == pytest.approx(losses(expected)[1:], rel=1e-3, abs=1e-6)
     assert losses(got, "grad_norm") == pytest.approx(losses(expected, "grad_norm"), rel=1e-3)
     assert losses(got, eval_key) == pytest.approx(losses(expected, eval_key), rel=1e-5)
+    assert losses(got, "num_tokens") == losses(expected, "num_tokens")
     same_weights(Path(got) / "checkpoint-3", Path(expected) / "checkpoint-3", atol=1e-4)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, mode, precompute", [
-    ("train_dpo.py", "lora", False), ("train_dpo.py", "full", False), ("train_dpo.py", "full", True),
-    ("train_grpo.py", "lora", False), ("train_grpo.py", "full", False)],
-    ids=["dpo-lora-ddp", "dpo-full-fsdp2", "dpo-full-fsdp2-precomputed", "grpo-lora-ddp", "grpo-full-fsdp2"])
-def test_dpo_and_grpo_in_two_processes_train_as_one(script, mode, precompute, paths, rl_data, rl_one_process,
-                                                    tmp_path):
-    """3 steps of DPO and of GRPO, LoRA replicated (DDP) and full fine-tuning sharded (FSDP2, the frozen
-    reference sharded too; DPO also with the reference's log-probs precomputed), equal to one process: GRPO's
-    two processes sample their own prompts from the whole weights and draw the completions one process draws
-    (the noise keyed by the row in the whole round), with a deterministic reward; the eval, 2 prompts or pairs
-    in one process and 1 in the other, is the same too."""
-    extra = ["--precompute_ref_log_probs", "true"] if precompute else []
+@pytest.mark.parametrize("script, mode, extra", [
+    ("train_dpo.py", "lora", []), ("train_dpo.py", "full", []),
+    ("train_dpo.py", "full", ["--precompute_ref_log_probs", "true"]), ("train_grpo.py", "lora", []),
+    ("train_grpo.py", "lora", ["--deepspeed", "zero3"]), ("train_grpo.py", "full", [])],
+    ids=["dpo-lora-ddp", "dpo-full-fsdp2", "dpo-full-fsdp2-precomputed", "grpo-lora-ddp", "grpo-lora-zero3",
+         "grpo-full-fsdp2"])
+def test_dpo_and_grpo_in_two_processes_train_as_one(script, mode, extra, paths, rl_data, rl_one_process, tmp_path):
+    """3 steps of DPO and of GRPO, LoRA replicated (DDP) and sharded (--deepspeed zero3: GRPO samples from the
+    gathered weights with the adapters folded in; the reference is the sharded model with its adapters off), and
+    full fine-tuning sharded (FSDP2, the frozen reference sharded too; DPO also with the reference's log-probs
+    precomputed), equal to one process: GRPO's two processes sample their own prompts from the whole weights
+    and draw the completions one process draws (the noise keyed by the row in the whole round), with a
+    deterministic reward; the eval, 2 prompts or pairs in one process and 1 in the other, is the same too."""
     done = rl_run(script, rl_argv(script, paths, rl_data, tmp_path, mode, 2, *extra), 2)
-    assert ("DDP over 2 processes" if mode == "lora" else "FSDP2 over 2 processes") in done.stdout
-    one = rl_one_process(script, mode, *extra)
+    assert ("DDP over 2 processes" if mode == "lora" and not extra else "FSDP2 over 2 processes") in done.stdout
+    one = rl_one_process(script, mode, *extra)  # --deepspeed zero3 in one process: nothing to shard
     assert_same_rl_run(tmp_path, one, "eval_loss" if script == "train_dpo.py" else "eval_reward")
     if script == "train_grpo.py":
         assert len(set(losses(one, "reward"))) > 1 and losses(tmp_path, "reward") == losses(one, "reward")

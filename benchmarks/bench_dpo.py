@@ -65,7 +65,7 @@ def pairs(cfg, n, prompt, answer, side, device, dtype):
 def collated(chosen, rejected, vision, device):
     """The batch train_dpo.py's collate makes of the pairs: (2n, T), chosen rows first, each image once."""
     n = len(chosen["input_ids"])
-    batch = {k: torch.cat([chosen[k], rejected[k]]) for k in chosen}
+    batch = {k: torch.cat([chosen[k], rejected[k]]) for k in chosen}  # (2n, T)
     batch.update(vision, image_index=torch.arange(n, device=device).repeat(2), index=torch.arange(n))
     return batch
 

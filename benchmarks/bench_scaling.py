@@ -21,10 +21,10 @@ The runs (per GPU; the global batch grows with the GPU count, so a GPU's work st
 The weights are made on each GPU (a trainer loads them on the CPU before sharding; the shards are the same).
 
 Measured: each step's time after --warmup steps, the median of --repeats (GRPO: one step after one warm-up step,
-which compiles the sampler's decode step), on each process; the slowest process's is reported. Tokens per GPU: every token of the step's sequences on one GPU (GRPO: prompts and completions, as
-train_grpo.py counts num_tokens). Peak memory: torch.cuda.max_memory_allocated over the timed steps, the largest
-of the processes; each process's memory is capped at --max_memory_gib so that cards with more memory give the same
-limits. Exposed communication (DDP runs): the step's time minus the time of the same step with every micro-batch
+which compiles the sampler's decode step), on each process; the slowest process's is reported. Tokens per GPU:
+every token of the step's sequences on one GPU (GRPO: prompts and completions, as train_grpo.py counts them).
+Peak memory: torch.cuda.max_memory_allocated over the timed steps, the largest of the processes; each process's
+memory is capped at --max_memory_gib, so that cards with more memory give the same limits. Exposed communication (DDP runs): the step's time minus the time of the same step with every micro-batch
 under DDP's no_sync (no gradient all-reduce): the all-reduce time that the backward does not hide, plus the waits
 for the slowest process. For GRPO it is taken from the forward+backward phase; the phases are timed with the GPU
 synchronised around each. Full SFT (FSDP2) gathers weights in every forward and has no such switch: not measured.

@@ -164,8 +164,9 @@ def test_no_sft_forward_at_mu_0_and_mu_logged_each_step(made, experts, tmp_path,
 
 def test_resume_continues_the_expert_stream(made, experts, tmp_path):
     """4 steps saved after 2 and a run resumed there: the same steps 3 and 4, the expert batches included (3 rows in
-    batches of 2 wrap into a new epoch inside the run)."""
+    batches of 2 wrap into a new epoch inside the run); the phi weights on."""
     extra = ["--chord_sft_dataset", experts, "--chord_sft_per_device_train_batch_size", 2, *MU, "--max_steps", 4,
+             "--chord_enable_phi_function", "true",
              "--save_strategy", "steps", "--save_steps", 2, "--per_device_train_batch_size", 4,
              "--gradient_accumulation_steps", 2, "--external_plugins", made["plugin"], "--reward_funcs", "varied"]
     _, a = run(made, tmp_path / "a", *extra)
@@ -176,6 +177,8 @@ def test_resume_continues_the_expert_stream(made, experts, tmp_path):
     for key in ("loss", "expert/sft_loss", "grad_norm"):
         first, resumed = by_step(tmp_path / "a", key), by_step(tmp_path / "b", key)
         assert resumed == {s: first[s] for s in (3, 4)}, key
+    # phi: a token's term -p (1 - p) log p is at most 0.26, where the untrained model's -log p is about 6
+    assert all(0 < x < 0.27 for x in by_step(tmp_path / "a", "expert/sft_loss").values())
 
 
 def test_the_users_chord_command_runs_as_written(made, quick, experts, tmp_path, monkeypatch):

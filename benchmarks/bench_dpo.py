@@ -45,7 +45,8 @@ def pairs(cfg, n, prompt, answer, side, device, dtype):
     """(chosen rows, rejected rows): n rows each of [text, image, text] prompt + an answer of `answer` random
     tokens, labels on the answer; the images of the n prompts as pixel rows."""
     g = torch.Generator().manual_seed(1)
-    h = w = side // 14
+    patch = cfg.vision.patch_size
+    h = w = side // patch
     image = [cfg.vision_start_token_id] + [cfg.image_token_id] * (h * w // 4) + [cfg.vision_end_token_id]
     prompts = [torch.randint(0, 150000, (prompt,), generator=g).tolist() for _ in range(n)]
     prompts = [p[:prompt // 2] + image + p[prompt // 2:] for p in prompts]
@@ -56,9 +57,17 @@ def pairs(cfg, n, prompt, answer, side, device, dtype):
         labels[:, :len(prompts[0])] = -100  # (n, T)
         sides.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
                       "labels": labels.to(device)})
-    vision = {"pixel_values": torch.randn(n * h * w, 3 * 2 * 14 * 14, generator=g).to(device, dtype),
+    vision = {"pixel_values": torch.randn(n * h * w, 3 * 2 * patch * patch, generator=g).to(device, dtype),
               "image_grid_thw": torch.tensor([[1, h, w]] * n).to(device)}
     return sides, vision
+
+
+def collated(chosen, rejected, vision, device):
+    """The batch train_dpo.py's collate makes of the pairs: (2n, T), chosen rows first, each image once."""
+    n = len(chosen["input_ids"])
+    batch = {k: torch.cat([chosen[k], rejected[k]]) for k in chosen}  # (2n, T)
+    batch.update(vision, image_index=torch.arange(n, device=device).repeat(2), index=torch.arange(n))
+    return batch
 
 
 def hf_answer_logps(model, batch, labels):
@@ -96,8 +105,7 @@ def main():
 
     # minivl: the batch train_dpo.py's collate makes, and its pair_step
     options = train_dpo.parse_args(["--model", "m", "--dataset", "d", "--beta", str(beta)])
-    batch = {k: torch.cat([chosen[k], rejected[k]]) for k in chosen}  # (2n, T): chosen rows first
-    batch.update(vision, image_index=torch.arange(n, device=device).repeat(2), index=torch.arange(n))
+    batch = collated(chosen, rejected, vision, device)
     policy = train_dpo.AnswerLogprobs(ours, dtype)
     reference = train_dpo.make_reference(options, ours, [], training.Process(torch.device(device), dtype))
     autocast = torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False)

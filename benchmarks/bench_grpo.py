@@ -34,6 +34,7 @@ micro-batches repeat that one. --lengths runs chosen lengths (e.g. one, to confi
 """
 
 import argparse
+import contextlib
 import functools
 import gc
 import os
@@ -89,9 +90,11 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def grpo_step(model, cfg, batch, args, device, rollout, logprobs, disabled, optimizer, micro_batches=None):
+def grpo_step(model, cfg, batch, args, device, rollout, logprobs, disabled, optimizer, micro_batches=None,
+              sync=lambda last: contextlib.nullcontext()):
     """One GRPO step with the given rollout and log-prob functions (disabled(model): the reference) -> ({phase:
-    seconds}, peak bytes, loss)."""
+    seconds}, peak bytes, loss). sync(last) is entered around each micro-batch's forward and backward (several
+    processes: training.grad_sync, which all-reduces the gradients in the last one's backward only)."""
     G, N = args.generations, args.prompts * args.generations
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -114,12 +117,13 @@ def grpo_step(model, cfg, batch, args, device, rollout, logprobs, disabled, opti
 
     def train():
         total = 0.0
-        for x, idx, r in zip(inputs, slices, ref):
-            with autocast:
-                logp = logprobs(*x)
-                loss, _ = grpo_loss(logp, None, r, advantages[idx].to(device), mask_all[idx, :logp.shape[1]].to(
-                    device), loss_args)
-            loss.backward()
+        for k, (x, idx, r) in enumerate(zip(inputs, slices, ref)):
+            with sync(k == len(inputs) - 1):
+                with autocast:
+                    logp = logprobs(*x)
+                    loss, _ = grpo_loss(logp, None, r, advantages[idx].to(device), mask_all[idx, :logp.shape[1]].to(
+                        device), loss_args)
+                loss.backward()
             total += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -73,7 +73,8 @@ def same_adapters(hf, ours, device, b_std=0.0):
 def inputs(cfg, batch, seq, side, device, dtype):
     """Rows of `seq` tokens: text, one image of side x side pixels, text; labels on the text tokens."""
     g = torch.Generator().manual_seed(1)
-    h = w = side // 14
+    patch = cfg.vision.patch_size
+    h = w = side // patch
     n_img = h * w // 4
     before = (seq - n_img - 2) // 2
     rows = []
@@ -85,7 +86,7 @@ def inputs(cfg, batch, seq, side, device, dtype):
     labels = ids.clone()
     vision = (ids == cfg.image_token_id) | (ids == cfg.vision_start_token_id) | (ids == cfg.vision_end_token_id)
     labels[vision] = -100
-    pixels = torch.randn(batch * h * w, 3 * 2 * 14 * 14, generator=g)  # (N, C*T*P*P)
+    pixels = torch.randn(batch * h * w, 3 * 2 * patch * patch, generator=g)  # (N, C*T*P*P)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "pixel_values": pixels.to(device, dtype),
             "image_grid_thw": torch.tensor([[1, h, w]] * batch).to(device),

@@ -399,6 +399,19 @@ def test_seeds_reproduce(pair):
     assert torch.equal(d.tokens, minivl.generate(ours, batch, **kw).tokens)
 
 
+def test_stream_sees_every_token_and_ends_with_the_answer(pair):
+    """The stream's calls grow one token at a time (check_every 1) and the last one is the whole answer, also when
+    the answer is cut at max_new_tokens (the final call comes after the loop, not inside it)."""
+    family, hf, ours = pair
+    seen = []
+    out = minivl.generate(ours, make_batch(family), max_new_tokens=7, temperature=1.0, seed=3, eos_token_id=[],
+                          check_every=1, stream=lambda tokens, lengths: seen.append(tokens.clone()))
+    assert out.truncated.all() and out.tokens.shape[1] == 7
+    assert [t.shape[1] for t in seen] == [1, 2, 3, 4, 5, 6, 7]
+    for partial in seen:
+        assert torch.equal(partial, out.tokens[:, :partial.shape[1]])
+
+
 def test_positions_are_recomputed_every_call(pair):
     # transformers #43952: a rope delta kept from the previous batch shifts the next one's positions
     family, hf, ours = pair

@@ -8,6 +8,8 @@
 A `swift rlhf --rlhf_type grpo` command runs with `swift rlhf` replaced by `python train_grpo.py`; its vLLM options
 are accepted with one note, since rollouts come from minivl's KV-cache sampler in this process (minivl/rollouts.py).
 Data: ms-swift's GRPO jsonl, whose columns (`solution`, ...) reach the reward functions by name (minivl/rewards.py).
+CHORD with --chord_sft_dataset: loss = (1 - mu) GRPO + mu SFT on a micro-batch of expert rows each micro-step, mu
+scheduled by the four --chord_mu_* options (minivl/chord.py: the schedule, phi weights, the expert stream).
 Batches as trl counts them: --per_device_train_batch_size counts completions; a generation round samples
 --generation_batch_size completions (default: per-device batch x accumulation x processes), whole groups of
 --num_generations answers to a prompt, each process its own groups, and feeds --steps_per_generation micro-batches
@@ -21,8 +23,8 @@ round of all processes, so that any number of processes draws the same completio
 Reads top to bottom: arguments, the loss (each formula beside its line), the loop; the rest is minivl/training.py's
 (checkpoints, resume, LoRA, logging, the progress bar). A run resumed inside a round (a round longer than a step)
 samples that round's prompts afresh. Simplified against ms-swift: no vLLM, reward models, multi-turn, dynamic
-sampling or entropy masking; --max_length drops longer prompts. Tests: tests/test_grpo.py. Shapes: N completions
-of a round, B of a micro-batch, L completion tokens, F reward functions, G completions per prompt.
+sampling or entropy masking; --max_length drops longer prompts. Tests: tests/test_grpo.py, tests/test_chord.py.
+Shapes: N completions of a round, B of a micro-batch, L completion tokens, F reward functions, G per prompt.
 """
 
 import collections
@@ -37,7 +39,9 @@ from types import SimpleNamespace
 
 import torch
 
-from minivl import data_rl, lora, rewards, rollouts, training
+import train_sft
+from minivl import chord, data_rl, lora, rewards, rollouts, training
+from minivl.processor import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------- arguments
 
@@ -79,6 +83,13 @@ def build_parser():
     a("--overlong_filter", **flag, default=False, help="truncated completions carry no loss")
     a("--log_completions", **flag, default=False, help="every completion and its rewards to completions.jsonl")
     a("--eval_on_start", **flag, default=False, help="evaluate before the first step")
+    a("--chord_sft_dataset", nargs="*", help="CHORD's expert rows: SFT rows, or GRPO rows (`solution`: the answer)")
+    a("--chord_sft_per_device_train_batch_size", type=int, help="expert rows a micro-step (default: the GRPO one)")
+    a("--chord_mu_warmup_steps", type=int, help="steps of mu's linear rise from 0 to its peak")
+    a("--chord_mu_decay_steps", type=int, help="steps of mu's cosine decay from its peak to its valley")
+    a("--chord_mu_peak", type=float, help="mu at the end of the warmup")
+    a("--chord_mu_valley", type=float, help="mu after the decay (= --chord_mu_peak: a constant mu)")
+    a("--chord_enable_phi_function", **flag, default=False, help="weight each expert token by p (1 - p)")
     training.show_defaults(p)
     return p
 
@@ -102,6 +113,7 @@ def parse_args(argv=None):
         training.note(f"note: {' '.join(ignored)} ignored: minivl samples with its own KV-cache sampler "
                       "(minivl.generate) in this process, on the model being trained; there is no vLLM")
     args.ignored_rollout_options = ignored  # in args.json: what the command asked of vLLM
+    chord.check_args(args)
     return args
 
 
@@ -141,7 +153,6 @@ def demo_defaults(args, argv):
     model to answer with a colour, right about 25% of the time at temperature 1; then 200 GRPO steps, 8 images x 8
     answers, the accuracy reward, the LLM trained in full (the vision tower frozen, as in ms-swift). Options given
     on the command line still win."""
-    import train_sft
     from minivl import demo
 
     paths = demo.make_demo(demo.DEFAULT_DIR)
@@ -218,6 +229,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args, step_tokens=1.0,
     else:  # dapo: the mean over every counted token of the step (all micro-batches, all processes)
         loss = total / step_tokens
     return loss, {k: (float(v), float(m.sum())) for k, v in sums.items()}
+
+
+def chord_loss(grpo, sft, mu, accum):
+    """CHORD's loss of a micro-step: grpo, this micro-step's share of the step's GRPO loss (grpo_loss), mixed with
+    sft, the expert batch's SFT loss (chord.sft_loss), which takes the same 1 / accum share of the step."""
+    return (1 - mu) * grpo + mu * sft / accum  # L = (1 - mu) L_GRPO + mu L_SFT
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -344,12 +361,17 @@ def main(argv=None):
     eval_every, save_every = training.intervals(args, steps_per_epoch)
     params = [p for _, p in trainable]
     prompt_batches = training.step_batches(rows, collate, prompts_per_round, 1, proc, state, args)
+    if args.chord_sft_dataset:  # CHORD's expert rows: a stream of micro-batches of their own
+        experts = chord.expert_batches(args, processor, proc, state)
+        expert_logprobs = train_sft.TokenLogprobs(model, proc.dtype)  # the model outside DDP: see the loop
     if args.eval_on_start and val_rows and resume is None:
         log.write(evaluate())
     queue, rnd = [], None
     while state["global_step"] < total_steps:
         sums, metrics, seconds = collections.defaultdict(lambda: [0.0, 0.0]), {}, {"time/rollout": 0.0}
         started_step = time.time()
+        mu = chord.mu_at(state["global_step"], args.chord_mu_peak, args.chord_mu_valley, args.chord_mu_warmup_steps,
+                         args.chord_mu_decay_steps) if args.chord_sft_dataset else 0.0
         for i in range(accum):
             if not queue:
                 started_round, prompts = time.time(), []
@@ -370,6 +392,14 @@ def main(argv=None):
                 logp, entropy = step_module(*inputs)  # (B, L) float32 each
                 loss, loss_sums = grpo_loss(logp, rnd.old[k], rnd.ref[k], rnd.advantages[idx].to(proc.device),
                                             mask, args, rnd.step_tokens, entropy)
+                if mu > 0:  # CHORD (mu = 0: no SFT forward). One backward through the two forwards syncs (DDP)
+                    # the gradients of both terms
+                    expert, weight = next(experts)  # weight 0: a stand-in where this process has no rows left
+                    expert_logp, _, targets = expert_logprobs(**training.to_device(expert, proc.device))  # (B, T)
+                    phi = args.chord_enable_phi_function  # each token weighted by its detached p (1 - p)
+                    sft = weight * chord.sft_loss(expert_logp, targets != IGNORE_INDEX, phi)
+                    loss = chord_loss(loss, sft, mu, accum)
+                    loss_sums["expert/sft_loss"] = (float(sft.detach()), weight)
                 loss.backward()
             loss_sums["loss"] = (float(loss.detach()), 1.0 / accum)
             if it == 0:  # the sampler's log-probs against the trainer's, of the policy that sampled
@@ -381,7 +411,8 @@ def main(argv=None):
         grad_norm, lr = training.optimizer_step(optimizer, scheduler, params, args.max_grad_norm)
         seconds["time/train"] = time.time() - started_step - seconds["time/rollout"]
         state["global_step"] = step = state["global_step"] + 1
-        log.step(step, {**training.reduce_means(sums, proc), **metrics, **seconds})
+        log.step(step, {**training.reduce_means(sums, proc), **metrics, **seconds,
+                        **({"mu": mu} if args.chord_sft_dataset else {})})
         if training.due(step, args.logging_steps, total_steps):
             window, _, _ = log.window()
             log.write({"loss": window.pop("loss"), "grad_norm": grad_norm, "learning_rate": lr,

@@ -439,6 +439,19 @@ def test_dpo_and_grpo_in_two_processes_train_as_one(script, mode, extra, paths, 
 
 
 @pytest.mark.slow
+def test_chord_in_two_processes_trains_as_one(paths, rl_data, rl_one_process, tmp_path):
+    """CHORD (GRPO plus mu 0.5 x the SFT loss of expert rows, each process its own), full fine-tuning under FSDP2:
+    the same 3 steps as one process, the expert term included."""
+    extra = [str(a) for a in ["--chord_sft_dataset", paths["train"], "--chord_mu_peak", 0.5, "--chord_mu_valley",
+                              0.5, "--chord_mu_warmup_steps", 0, "--chord_mu_decay_steps", 0]]
+    rl_run("train_grpo.py", rl_argv("train_grpo.py", paths, rl_data, tmp_path, "full", 2, *extra), 2)
+    one = rl_one_process("train_grpo.py", "full", *extra)
+    assert_same_rl_run(tmp_path, one, "eval_reward")
+    assert len(losses(one, "expert/sft_loss")) == 3
+    assert losses(tmp_path, "expert/sft_loss") == pytest.approx(losses(one, "expert/sft_loss"), rel=1e-3)
+
+
+@pytest.mark.slow
 def test_a_grpo_checkpoint_resumes_on_another_number_of_processes(paths, rl_data, rl_one_process, tmp_path):
     """GRPO (LoRA): the checkpoint of step 2 written by 2 processes continues in 1, and one written by 1 continues
     in 2, with the step 3 of the run that wrote it: the same prompts, the same completions, the same update."""

@@ -5,7 +5,7 @@
     python train_dpo.py --rlhf_type dpo --model Qwen/Qwen2-VL-7B-Instruct --dataset llamafactory/RLHF-V \\
         --train_type lora --beta 0.1 --learning_rate 5e-6 --gradient_accumulation_steps 8 --output_dir output
     python train_dpo.py qwen2vl_lora_dpo.yaml     # a LLaMA-Factory config (stage: dpo); then key=value overrides
-    NPROC_PER_NODE=4 python train_dpo.py ...      # several GPUs of one host (DDP), as ms-swift launches it
+    NPROC_PER_NODE=4 python train_dpo.py ...      # 4 GPUs: LoRA under DDP, full under FSDP2 (train_sft.py)
 
 `swift rlhf --rlhf_type dpo|orpo|simpo` runs with `swift rlhf` replaced by `python train_dpo.py`; the shared
 options, outputs and exact resume are train_sft.py's (minivl/training.py), the data formats minivl/data_rl.py's.
@@ -17,10 +17,10 @@ over the step's pairs (all micro-batches, all GPUs) plus alpha x the NLL of the 
 chosen tokens of the step (ms-swift's and trl's normalisation; LLaMA-Factory's pref_ftx averages per answer first,
 the same when the chosen answers are equally long): however the batch is split, the loss and gradient agree.
 Alpha: --rpo_alpha (dpo; default none), 1 (orpo), --cpo_alpha (simpo: ms-swift runs it as trl's CPO).
-Reference (dpo): with LoRA the same model with its adapters off (lora.disabled, no second copy); with full
-training a frozen copy of --model (or --ref_model); --precompute_ref_log_probs: its log-probs of every pair once,
-before training (no copy stays); --reference_free: a uniform reference. A LoRA run that trains modules in full
-(modules_to_save: lora_llm with the vision unfrozen) keeps no original of them: it needs the precomputed ones.
+Reference (dpo): with LoRA the model with its adapters off (lora.disabled, no second copy); with full training a
+frozen copy of --model (or --ref_model), sharded as the model is; --precompute_ref_log_probs: its log-probs of
+every pair once, before training (no copy stays); --reference_free: a uniform reference. A LoRA run that trains
+modules in full (modules_to_save: lora_llm with the vision unfrozen) keeps no original of them: it needs those.
 
 Metrics, trl's names and signs: rewards/chosen = beta (log pi(y+) - log ref(y+)) (orpo, simpo: beta log pi(y+)),
 rewards/rejected, /accuracies (a tie counts 0), /margins, logps/*, logits/*, nll_loss, loss; eval_* of each.
@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minivl import checkpoint, data, data_rl, demo, lora, training  # noqa: I001  (minivl first: checks `kernels`)
+from minivl import data, data_rl, demo, lora, training  # noqa: I001  (minivl first: checks `kernels`)
 from kernels.logprobs import linear_token_logprobs
 from minivl.processor import IGNORE_INDEX
 
@@ -196,7 +196,7 @@ class AnswerLogprobs(nn.Module):
         super().__init__()
         self.model, self.compute_dtype = model, compute_dtype
 
-    def forward(self, labels, **batch):
+    def forward(self, labels, index=None, ref_logps=None, **batch):  # index, ref_logps: the trainer's
         hidden = self.model.hidden_states(**batch)  # (2B, T, D)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (2B, T): position t predicts t + 1
         weight = self.model.lm_head.weight
@@ -212,8 +212,8 @@ def make_reference(args, model, modules_to_save, proc):
     if args.rlhf_type != "dpo" or args.reference_free:
         return None
     if args.train_type == "full":
-        frozen = checkpoint.load(args.ref_model or args.model, dtype=proc.dtype, device=proc.device)
-        frozen = AnswerLogprobs(frozen.requires_grad_(False), proc.dtype)
+        frozen = training.load_reference(args.ref_model or args.model, proc)  # FSDP2: sharded as the model is
+        frozen = AnswerLogprobs(frozen, proc.dtype)
         return lambda batch: frozen(**batch)[0]
     if modules_to_save and not args.precompute_ref_log_probs:
         raise SystemExit(f"the reference of a LoRA run is the model with its adapters off, but {modules_to_save} "
@@ -232,10 +232,10 @@ def precompute(dataset, reference, model, args, proc):
     """dataset.ref: the reference log-probs (n, 2) of every pair (chosen, rejected), each process its share."""
     model.eval()
     table = torch.zeros(len(dataset), 2, device=proc.device)
-    for batch in training.eval_batches(dataset, dataset.collate, args.per_device_eval_batch_size, proc):
-        index = batch.pop("index")
+    batches = training.eval_batches(dataset, dataset.collate, args.per_device_eval_batch_size, proc, True)
+    for batch, weight in batches:  # FSDP2: as many forwards in every process (stand-ins of weight 0)
         with proc.autocast():
-            table[index] = reference(batch).view(2, -1).t()  # (B, 2)
+            table[batch["index"]] += reference(batch).view(2, -1).t() * weight  # (B, 2)
     if proc.world > 1:
         dist.all_reduce(table)  # each row was computed by one process
     model.train()
@@ -269,7 +269,6 @@ def pair_step(module, reference, batch, args):
     """One micro-batch of B pairs: (per-pair losses (B,), the chosen answers' summed log-prob, {metric: (sum,
     count)})."""
     ref = batch.get("ref_logps")  # precomputed
-    batch = {k: v for k, v in batch.items() if k not in ("index", "ref_logps")}
     if ref is None and reference is not None:
         with torch.no_grad():
             ref = reference(batch)
@@ -338,10 +337,11 @@ def main(argv=None):
     def evaluate():
         model.eval()
         sums = {}
-        for batch in training.eval_batches(val_set, val_set.collate, args.per_device_eval_batch_size, proc):
+        batches = training.eval_batches(val_set, val_set.collate, args.per_device_eval_batch_size, proc, True)
+        for batch, weight in batches:  # FSDP2: as many forwards in every process (stand-ins of weight 0)
             with proc.autocast():
                 for k, v in pair_step(step_module, reference, batch, args)[2].items():
-                    sums[k] = sums.get(k, 0) + v
+                    sums[k] = sums.get(k, 0) + v * weight
         model.train()
         return means(sums, "eval_")
 

@@ -3,7 +3,7 @@
     python train_grpo.py                          # the demo: a short SFT warm start, then GRPO raises its accuracy
     python train_grpo.py --rlhf_type grpo --model Qwen/Qwen2.5-VL-3B-Instruct --dataset train_grpo.jsonl \\
         --reward_funcs accuracy my_reward --external_plugins plugin.py --train_type lora --output_dir output/grpo
-    NPROC_PER_NODE=4 python train_grpo.py ...      # several GPUs (DDP), as ms-swift launches it
+    NPROC_PER_NODE=4 python train_grpo.py ...     # 4 GPUs: LoRA under DDP, full under FSDP2 (train_sft.py)
 
 A `swift rlhf --rlhf_type grpo` command runs with `swift rlhf` replaced by `python train_grpo.py`; its vLLM options
 are accepted with one note, since rollouts come from minivl's KV-cache sampler in this process (minivl/rollouts.py).
@@ -16,7 +16,9 @@ Batches as trl counts them: --per_device_train_batch_size counts completions; a 
 (default: accumulation) --num_iterations times. Where a round's passes fit one optimizer step (the default) the
 policy that sampled is the one training; else its log-probs come from a forward right after sampling. Log-probs are
 at the sampling temperature, from hidden states (no tokens x vocabulary logits); the reference is the model with its
-adapters off (LoRA) or a frozen --ref_model / --model (full), none with --beta 0.
+adapters off (LoRA) or a frozen --ref_model / --model (full, sharded as the model), none with --beta 0. Each
+process samples its groups from the weights gathered whole, a completion's noise keyed by its row in the
+round of all processes, so that any number of processes draws the same completions.
 
 Reads top to bottom: arguments, the loss (each formula beside its line), the loop; the rest is minivl/training.py's
 (checkpoints, resume, LoRA, logging, the progress bar). A run resumed inside a round (a round longer than a step)
@@ -38,7 +40,7 @@ from types import SimpleNamespace
 import torch
 
 import train_sft
-from minivl import checkpoint, chord, data_rl, lora, rewards, rollouts, training
+from minivl import chord, data_rl, lora, rewards, rollouts, training
 from minivl.processor import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -266,8 +268,8 @@ def main(argv=None):
     step_module = training.wrap_ddp(policy, proc)
     reference = None
     if args.beta and args.train_type == "full":  # LoRA's reference is the model with its adapters off
-        frozen = checkpoint.load(args.ref_model or args.model, dtype=proc.dtype, device=proc.device)
-        reference = rollouts.CompletionLogprobs(frozen.eval().requires_grad_(False), args.temperature, proc.dtype)
+        frozen = training.load_reference(args.ref_model or args.model, proc)  # FSDP2: sharded as the model is
+        reference = rollouts.CompletionLogprobs(frozen, args.temperature, proc.dtype)
     funcs = rewards.load_reward_funcs(args.reward_funcs, args.external_plugins, args.reward_weights, args,
                                       args.seed)
 
@@ -298,19 +300,21 @@ def main(argv=None):
     if resume is not None:  # the interrupted run's later completions go
         rollouts.write_completions(completions, proc, [], keep_until=state["global_step"])
 
-    def sample(prompts, n, seed):
-        """n completions of each prompt, scored -> (Generation, texts, (N, F) rewards, (N,) their weighted sum). A
-        reward function that fails raises RewardFunctionError naming it: the saved checkpoints stay as they were."""
-        gen, texts = rollouts.rollout(model, processor, prompts, n, args.max_completion_length, args.temperature,
-                                      args.top_p, args.top_k, seed)
+    def sample(whole, prompts, n, seed, first_row):
+        """n completions of each prompt by `whole` (training.whole_model), numbered from first_row in the noise,
+        scored -> (Generation, texts, (N, F) rewards, (N,) their weighted sum). A reward function that fails raises
+        RewardFunctionError naming it: the saved checkpoints stay as they were."""
+        gen, texts = rollouts.rollout(whole, processor, prompts, n, args.max_completion_length, args.temperature,
+                                      args.top_p, args.top_k, seed, first_row)
         trainer_state = SimpleNamespace(global_step=state["global_step"], max_steps=total_steps)
         rows = [row for row, _ in prompts for _ in range(n)]
         return gen, texts, *rewards.score_rows(funcs, rows, texts, trainer_state=trainer_state)
 
     def make_round(prompts):
         """Sample, score and prepare one round of this process -> (Round, its metrics over all processes)."""
-        gen, texts, per_func, total = sample(prompts, G, (args.seed * 1_000_003 + state["rounds"] * proc.world
-                                                          + proc.rank) % 2**31)
+        seed = (args.seed * 1_000_003 + state["rounds"]) % 2**31  # a round's; its rows numbered over all processes
+        with training.whole_model(model, proc) as whole:  # --- distributed: each process samples its own groups
+            gen, texts, per_func, total = sample(whole, prompts, G, seed, proc.rank * len(prompts) * G)
         mask = torch.arange(gen.tokens.shape[1]) < gen.lengths[:, None]  # (N, L) the sampled tokens, eos included
         mask &= ~(gen.truncated[:, None] & args.overlong_filter)  # --overlong_filter: truncated ones count nothing
         n, F = len(texts), len(funcs)
@@ -328,8 +332,8 @@ def main(argv=None):
                     rnd.ref.append((reference or policy)(*inputs)[0] if args.beta else None)
         metrics = {**rewards.reward_metrics(everyone[:, :F], everyone[:, F], funcs, G),
                    **rollouts.length_metrics(everyone[:, F + 1], everyone[:, F + 2])}
-        state["num_tokens"] += (sum(len(p["input_ids"]) for _, p in prompts) * G + int(gen.lengths.sum())) \
-            * proc.world
+        state["num_tokens"] += int(proc.all_sum(sum(len(p["input_ids"]) for _, p in prompts) * G)[0]
+                                   + everyone[:, F + 1].sum())  # prompts and completions, all processes
         if args.log_completions:
             rollouts.write_completions(completions, proc, [
                 {"step": state["global_step"] + 1, "prompt": processor.decode(prompts[i // G][1]["input_ids"]),
@@ -343,8 +347,10 @@ def main(argv=None):
     def evaluate():
         """Mean rewards of completions sampled for the eval prompts (the same seed each time), all processes."""
         n, sums = args.num_generations_eval or G, collections.defaultdict(lambda: [0.0, 0])
-        for prompts in training.eval_batches(val_rows, collate, max(1, args.per_device_eval_batch_size // n), proc):
-            gen, _, per_func, total = sample(prompts, n, args.seed)
+        shares = rollouts.eval_shares(val_rows, max(1, args.per_device_eval_batch_size // n), proc)
+        with training.whole_model(model, proc) as whole:  # every process, whatever its share
+            scored = [sample(whole, collate(part), n, args.seed, first * n) for first, part in shares]
+        for gen, _, per_func, total in scored:
             for key, x in {"eval_reward": total, "eval_completions/mean_length": gen.lengths.float(),
                            **{f"eval_rewards/{f.name}/mean": per_func[:, j] for j, f in enumerate(funcs)}}.items():
                 sums[key] = [sums[key][0] + float(x.nansum()), sums[key][1] + int((~x.isnan()).sum())]

@@ -42,19 +42,31 @@ def drop_long(rows, processor, max_length):
 
 
 @torch.no_grad()
-def rollout(model, processor, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=0):
-    """(Generation on the CPU: rows p*n .. p*n+n-1 answer prompt p, completion texts without the eos tokens)."""
+def rollout(model, processor, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=0,
+            first_row=0):
+    """(Generation on the CPU: rows p*n .. p*n+n-1 answer prompt p, completion texts without the eos tokens).
+    first_row: the index of row 0 in the whole round of all processes, which keys the sampling noise, so that a
+    process sampling its share of the prompts draws what one process sampling all of them draws."""
     batch = processor.pad([p for _, p in prompts], "left")
     batch = {k: v.to(model.device) for k, v in batch.items()}
     was_training = model.training
     model.eval()
-    gen = generate(model, batch, max_new_tokens, temperature, top_p, top_k, n, processor.eos_token_ids, seed)
+    gen = generate(model, batch, max_new_tokens, temperature, top_p, top_k, n, processor.eos_token_ids, seed,
+                   first_row=first_row)
     model.train(was_training)
     gen = replace(gen, **{k: getattr(gen, k).cpu() for k in ("tokens", "lengths", "logprobs", "truncated")})
     eos = set(processor.eos_token_ids)
     texts = [processor.decode([t for t in row[:k] if t not in eos])
              for row, k in zip(gen.tokens.tolist(), gen.lengths.tolist())]
     return gen, texts
+
+
+def eval_shares(rows, batch_size, proc):
+    """[(index of the first row, rows)]: this process's eval prompts in batches, a contiguous share of the rows per
+    process, so that completion j of prompt i is row i x n + j of the noise however many processes sample."""
+    share = -(-len(rows) // proc.world)  # ceil
+    mine = range(proc.rank * share, min(len(rows), (proc.rank + 1) * share))
+    return [(i, rows[i:min(i + batch_size, mine.stop)]) for i in mine[::batch_size]]
 
 
 def length_metrics(lengths, truncated):

@@ -5,20 +5,19 @@
     out.tokens (B*n, L) right-padded, out.lengths (B*n,), out.logprobs (B*n, L) float32, out.truncated (B*n,)
 
 `batch` is the processor's output (left-padded input_ids, attention_mask, the vision tensors); rows b*n .. b*n+n-1
-are the n answers to prompt b. Read top to bottom: `prefill` runs the prompts once (the vision tower once per
-prompt; positions and rope deltas from this batch, none kept on the model: transformers #43952) into a cache copied
-n times. `decode_step` feeds every row's last token at slot s through the model's own decoder layers, which write
-the cache at s and attend over the slots up to it. `sample` draws the next token with `pick`: banned ids,
-temperature, top-k, top-p, then Gumbel-max (argmax of logits + Gumbel noise, a draw from their softmax without a host
-sync; the noise hashes (seed, step, row, token): a seed gives the same tokens on every device). All state is tensors
-updated in place, so on CUDA a step is one replay of a compiled CUDA graph (`cuda_graph`), no host work. The fast
-paths plug in beside decode_step: with decode="auto", CUDA runs a kernels/decode/ backend (the step as Triton
-kernels, calling PARTS for what it does not take), which tests hold to decode_step. Rows that sampled an eos run on,
-padding with log-prob 0; vision tokens are never sampled (trl #3847). Simplified: the reference attention reads the
-whole static cache, masked (the backends read the written slots); Qwen3-VL-MoE decodes without a CUDA graph; no beam
-search, repetition penalty or stop strings. Shapes: B prompts, n answers a prompt, N = B*n rows, T0 prompt length
-(padding included), S cache slots, V vocabulary, L generated length, D model width, K key/value heads, Dh head dim.
-"""
+are the n answers to prompt b. Read top to bottom: `prefill` runs the prompts once (the vision tower once per prompt;
+positions and rope deltas from this batch, none kept on the model: transformers #43952) into a cache copied n times.
+`decode_step` feeds every row's last token at slot s through the model's own decoder layers, which write the cache at
+s and attend over the slots up to it. `sample` draws the next token with `pick`: banned ids, temperature, top-k,
+top-p, then Gumbel-max (argmax of logits + Gumbel noise, a draw from their softmax without a host sync; the noise
+hashes (seed, step, row, token): a seed gives the same tokens on every device). All state is tensors updated in
+place, so on CUDA a step is one replay of a compiled CUDA graph (`cuda_graph`), no host work. The fast paths plug in
+beside decode_step: with decode="auto", CUDA runs a kernels/decode/ backend (the step as Triton kernels, calling
+PARTS for what it does not take), which tests hold to decode_step. Rows that sampled an eos run on, padding with
+log-prob 0; vision tokens are never sampled (trl #3847). Simplified: the reference attention reads the whole static
+cache, masked (the backends read the written slots); Qwen3-VL-MoE decodes without a CUDA graph; no beam search,
+repetition penalty or stop strings. Shapes: B prompts, n answers a prompt, N = B*n rows, T0 prompt length (padding
+included), S cache slots, V vocabulary, L generated length, D model width, K key/value heads, Dh head dim."""
 
 import dataclasses
 import functools
@@ -67,6 +66,7 @@ class DecodeState:
     banned: torch.Tensor  # (nb,) token ids never sampled
     eos: torch.Tensor  # (ne,) token ids that end a row
     seed: torch.Tensor  # () int64
+    first_row: torch.Tensor  # () int64: the noise's index of row 0 (a slice of a larger batch: its row there)
     pad_id: int
     on_logits: object = None  # debug hook, off the hot path: called with every step's float32 logits (N, V)
 
@@ -79,7 +79,7 @@ def vision_token_ids(cfg):
     return sorted(i for i in ids if i < cfg.text.vocab_size)
 
 
-def prefill(model, batch, n, max_new_tokens, sampling, eos, pad_id, seed, on_logits=None):
+def prefill(model, batch, n, max_new_tokens, sampling, eos, pad_id, seed, on_logits=None, first_row=0):
     """Run the prompts once, copy their cache n times, sample the first token -> DecodeState."""
     cfg, text, device, dtype = model.cfg, model.cfg.text, model.device, model.dtype
     input_ids = batch["input_ids"].to(device)
@@ -110,7 +110,7 @@ def prefill(model, batch, n, max_new_tokens, sampling, eos, pad_id, seed, on_log
         (), **i64), done=torch.zeros(N, dtype=torch.bool, device=device), lengths=torch.zeros(N, **i64),
         tokens=torch.full((N, max_new_tokens), pad_id, **i64), logprobs=torch.zeros(N, max_new_tokens, device=device),
         banned=torch.tensor(vision_token_ids(cfg), **i64), eos=torch.tensor(eos, **i64),
-        seed=torch.tensor(seed, **i64), pad_id=pad_id, on_logits=on_logits)
+        seed=torch.tensor(seed, **i64), first_row=torch.tensor(first_row, **i64), pad_id=pad_id, on_logits=on_logits)
     if on_logits:
         on_logits(logits)
     sample(state, logits, sampling)
@@ -150,7 +150,7 @@ def decode_step(model, state, sampling, parts=None):
 
 def sample(state, logits, sampling):
     """Sample every row's next token from logits (N, V) at output column state.step; move to the next slot."""
-    token, logprob = pick(logits.float(), sampling, state.banned, state.seed, state.step)
+    token, logprob = pick(logits.float(), sampling, state.banned, state.seed, state.step, state.first_row)
     active = ~state.done
     token = torch.where(active, token, state.pad_id)  # finished rows only pad
     state.tokens.index_copy_(1, state.step.view(1), token[:, None])
@@ -162,10 +162,10 @@ def sample(state, logits, sampling):
     state.slot.add_(1)
 
 
-def pick(logits, sampling, banned, seed, step):
+def pick(logits, sampling, banned, seed, step, first_row=0):
     """Next token (N,) and its log-prob (N,) float32 under the support distribution, without a host sync."""
     x = support_logits(logits, sampling, banned)  # (N, V)
-    noise = gumbel_noise(seed, step, *x.shape) if sampling.temperature > 0 else 0.0
+    noise = gumbel_noise(seed, step, *x.shape, first_row) if sampling.temperature > 0 else 0.0
     token = argmax_rows(x + noise)  # Gumbel-max: a draw from softmax(x); greedy without the noise
     return token, x.log_softmax(dim=-1).gather(1, token[:, None])[:, 0]
 
@@ -187,9 +187,9 @@ def support_logits(logits, sampling, banned):
     return x
 
 
-def gumbel_noise(seed, step, rows, vocab_size):
-    """Gumbel(0, 1) noise (rows, V), float32, a pure function of (seed, step, row, token)."""
-    key = _hash32(_hash32((seed & 0xFFFFFFFF) ^ step) ^ torch.arange(rows, device=step.device))  # (rows,)
+def gumbel_noise(seed, step, rows, vocab_size, first_row=0):
+    """Gumbel(0, 1) noise (rows, V), float32, a pure function of (seed, step, row, token); rows first_row, ..."""
+    key = _hash32(_hash32((seed & 0xFFFFFFFF) ^ step) ^ (torch.arange(rows, device=step.device) + first_row))
     bits = _hash32(torch.arange(vocab_size, device=step.device) ^ key[:, None]) >> 8  # (rows, V) 24 random bits
     u = (bits.float() + 0.5) * 2.0**-24  # uniform in (0, 1), exactly representable in float32
     return -torch.log(-torch.log(u))
@@ -260,12 +260,13 @@ def cuda_graph(step, state):
 @torch.no_grad()
 def generate(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=1,
              eos_token_id=None, seed=None, pad_token_id=None, stream=None, check_every=None, compile=True,
-             decode="auto"):
+             decode="auto", first_row=0):
     """Sample max_new_tokens (fewer if every row ends with an eos) for every prompt of `batch` -> Generation.
     temperature 0 is greedy. eos_token_id: an id or a list of ids; pad_token_id fills the tokens after an eos
     (default: the first eos, else 0). stream(tokens (N, i), lengths (N,)) is called every check_every steps (default
     16 on CUDA, 1 on the CPU) and at the end. compile=False captures the eager step (CUDA). decode: "auto" (a
-    kernels/decode/ backend where one takes the call), "reference" (decode_step), or a backend's name."""
+    kernels/decode/ backend where one takes the call), "reference" (decode_step), or a backend's name. first_row:
+    the rows' noise is that of rows first_row, ... of a larger batch (a process's slice of it: GRPO's rollouts)."""
     if max_new_tokens < 1 or num_return_sequences < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need max_new_tokens, num_return_sequences >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= "
                          f"0; got {max_new_tokens}, {num_return_sequences}, {temperature}, {top_p}, {top_k}")
@@ -275,7 +276,7 @@ def generate(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     seed = int(torch.randint(2**31, ())) if seed is None else seed  # torch.manual_seed decides it
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
-    state = prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed)
+    state = prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed, None, first_row)
     # Qwen3-VL-MoE routes with data-dependent shapes, which a CUDA graph cannot hold: it decodes eagerly, as the CPU
     graphed = state.token.device.type == "cuda" and model.cfg.text.num_experts == 0
     check_every = check_every or (16 if graphed else 1)

@@ -812,6 +812,15 @@ def load_model(args, proc, resume=None):
     return model, processor
 
 
+def load_reference(path, proc):
+    """The frozen reference of a full fine-tune (DPO, GRPO): the model at `path` in the compute dtype, in eval
+    mode, spread over the processes as the trained model is: sharded by FSDP2 when it is (each process holds
+    1/world of it, and every process runs its forwards), else whole in each."""
+    frozen = checkpoint.load(path, dtype=proc.dtype, device=torch.device("cpu") if proc.fsdp else proc.device)
+    frozen.requires_grad_(False).eval()
+    return shard(frozen, proc) if proc.fsdp else frozen
+
+
 def make_trainable(model, args, proc):
     """What trains, ms-swift's way: --train_type full unfreezes the parts not frozen (--freeze_llm/vit/aligner);
     lora puts adapters on their linear layers (--target_modules / --target_regex); lora_llm puts them on the

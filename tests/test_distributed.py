@@ -82,11 +82,11 @@ def argv(paths, out, mode, world, *extra):
                              "--output_dir", out, *extra]]
 
 
-def torchrun(args, *launcher, timeout=300):
-    """The trainer under torchrun (2 processes of this machine unless `launcher` says otherwise)."""
+def torchrun(args, *launcher, timeout=300, script="train_sft.py"):
+    """A trainer under torchrun (2 processes of this machine unless `launcher` says otherwise)."""
     launcher = launcher or ("--standalone", "--nproc_per_node", "2")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "train_sft.py"),
-                           *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / script),
+                           *map(str, args)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def logged(out):
@@ -182,6 +182,18 @@ def test_each_process_the_same_number_of_eval_batches():
            for p in procs]
     assert got == [[([0], 1.0), ([2], 1.0)], [([1], 1.0), ([1], 0.0)]]
     assert [b["x"].tolist() for b in training.eval_batches(rows, collate, 1, procs[1])] == [[1]]
+
+
+def test_grpo_eval_prompts_are_a_contiguous_share_of_each_process():
+    """5 prompts, 2 a batch, 2 processes: the first process takes prompts 0-2, the second 3-4, each batch with the
+    index of its first prompt, from which its completions' rows in the sampling noise count."""
+    from minivl import rollouts
+
+    procs = [training.Process(torch.device("cpu"), torch.float32, rank, rank, 2) for rank in (0, 1)]
+    assert [rollouts.eval_shares(list("abcde"), 2, p) for p in procs] == [[(0, ["a", "b"]), (2, ["c"])],
+                                                                           [(3, ["d", "e"])]]
+    assert rollouts.eval_shares(list("abc"), 2, training.Process(torch.device("cpu"), torch.float32)) == [
+        (0, ["a", "b"]), (2, ["c"])]
 
 
 def test_the_data_position_in_rows_moves_between_process_counts():
@@ -318,14 +330,169 @@ def test_fsdp2_on_qwen3_vl(tmp_path):
     assert done.stdout.count("sharded Qwen3-VL: ok") == 2
 
 
+# ------------------------------------------------------------------------------------ DPO and GRPO, slow
+
+REWARDS = """
+import os
+
+CALLS = []
+
+
+def varied(completions, **kwargs):
+    return [float(len(set(c)) % 3) for c in completions]
+
+
+def fails_in_rank_1(completions, **kwargs):
+    CALLS.append(1)
+    if os.environ.get("RANK") == "1" and len(CALLS) == 2:
+        raise ValueError("a bad sample")
+    return varied(completions)
+"""
+
+
+@pytest.fixture(scope="module")
+def rl_data(paths):
+    """DPO's demo pairs, 3 of the eval pairs; the demo rows as GRPO prompts, 3 eval prompts; a reward plugin."""
+    pairs = demo.make_preference_pairs(paths)
+    folder = paths["train"].parent
+    (folder / "pairs_val3.jsonl").write_text("".join(pairs["test"].read_text().splitlines(True)[:3]))
+    (folder / "rewards.py").write_text(REWARDS)
+    return {"dpo": pairs["train"], "dpo_val": folder / "pairs_val3.jsonl", "grpo": paths["train"],
+            "grpo_val": paths["val"], "plugin": folder / "rewards.py"}
+
+
+def rl_argv(script, paths, rl_data, out, mode, world, *extra):
+    """3 steps of 4 samples: DPO 2 pairs per micro-batch (one process: 2; two: 1 each) x 2 micro-batches; GRPO
+    2 prompts x 2 completions a round (two processes: a prompt each), sampled and trained on in one step. A
+    reference in both (adapters off, or a frozen copy sharded as the model); 3 eval pairs or prompts, 2 in one
+    process and 1 in the other."""
+    task = ["--beta", 0.5] if script == "train_dpo.py" else [
+        "--num_generations", 2, "--max_completion_length", 4, "--temperature", 1.0, "--top_k", 0, "--top_p", 1.0,
+        "--beta", 0.1, "--external_plugins", rl_data["plugin"], "--reward_funcs", "varied"]
+    kind = script.split("_")[1].split(".")[0]
+    return [str(a) for a in ["--model", paths["model"], "--dataset", rl_data[kind], "--val_dataset",
+                             rl_data[kind + "_val"], *MODES[mode], *task,
+                             "--per_device_train_batch_size", 2 // world, "--per_device_eval_batch_size",
+                             1 if kind == "dpo" else 2, "--gradient_accumulation_steps", 2, "--max_steps", 3,
+                             "--logging_steps", 1, "--save_steps", 2, "--eval_steps", 3, "--report_to", "none",
+                             "--warmup_ratio", 0, "--gradient_checkpointing", "false", "--output_dir", out,
+                             *extra]]
+
+
+def rl_run(script, args, world):
+    """A DPO or GRPO run in this process (world 1) or under torchrun with 2 processes."""
+    if world == 1:
+        __import__(script[:-3]).main(args)
+    else:
+        done = torchrun(args, script=script)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+
+@pytest.fixture(scope="module")
+def rl_one_process(paths, rl_data, tmp_path_factory):
+    """One process of each trainer and mode, made on first use."""
+    made = {}
+
+    def get(script, mode, *extra):
+        key = (script, mode, *extra)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp(f"one-{script[:-3]}-{mode}")
+            rl_run(script, rl_argv(script, paths, rl_data, made[key], mode, 1, *extra), 1)
+        return made[key]
+    return get
+
+
+def assert_same_rl_run(got, expected, eval_key):
+    """assert_same_run's checks for DPO and GRPO: losses (GRPO's first is about 0: its old policy is the one
+    training, so the ratio is 1), gradient norms, the eval metric, the weights of the last checkpoint."""
+    first, *later = losses(got)
+    assert first == pytest.approx(losses(expected)[0], rel=1e-5, abs=1e-7)
+    assert later == pytest.approx(losses(expected)[1:], rel=1e-3, abs=1e-6)
+    assert losses(got, "grad_norm") == pytest.approx(losses(expected, "grad_norm"), rel=1e-3)
+    assert losses(got, eval_key) == pytest.approx(losses(expected, eval_key), rel=1e-5)
+    assert losses(got, "num_tokens") == losses(expected, "num_tokens")
+    same_weights(Path(got) / "checkpoint-3", Path(expected) / "checkpoint-3", atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, mode, extra", [
+    ("train_dpo.py", "lora", []), ("train_dpo.py", "full", []),
+    ("train_dpo.py", "full", ["--precompute_ref_log_probs", "true"]), ("train_grpo.py", "lora", []),
+    ("train_grpo.py", "lora", ["--deepspeed", "zero3"]), ("train_grpo.py", "full", [])],
+    ids=["dpo-lora-ddp", "dpo-full-fsdp2", "dpo-full-fsdp2-precomputed", "grpo-lora-ddp", "grpo-lora-zero3",
+         "grpo-full-fsdp2"])
+def test_dpo_and_grpo_in_two_processes_train_as_one(script, mode, extra, paths, rl_data, rl_one_process, tmp_path):
+    """3 steps of DPO and of GRPO, LoRA replicated (DDP) and sharded (--deepspeed zero3: GRPO samples from the
+    gathered weights with the adapters folded in; the reference is the sharded model with its adapters off), and
+    full fine-tuning sharded (FSDP2, the frozen reference sharded too; DPO also with the reference's log-probs
+    precomputed), equal to one process: GRPO's two processes sample their own prompts from the whole weights
+    and draw the completions one process draws (the noise keyed by the row in the whole round), with a
+    deterministic reward; the eval, 2 prompts or pairs in one process and 1 in the other, is the same too."""
+    done = rl_run(script, rl_argv(script, paths, rl_data, tmp_path, mode, 2, *extra), 2)
+    assert ("DDP over 2 processes" if mode == "lora" and not extra else "FSDP2 over 2 processes") in done.stdout
+    one = rl_one_process(script, mode, *extra)  # --deepspeed zero3 in one process: nothing to shard
+    assert_same_rl_run(tmp_path, one, "eval_loss" if script == "train_dpo.py" else "eval_reward")
+    if script == "train_grpo.py":
+        assert len(set(losses(one, "reward"))) > 1 and losses(tmp_path, "reward") == losses(one, "reward")
+        assert max(losses(tmp_path, "kl")) > 0
+
+
+@pytest.mark.slow
+def test_chord_in_two_processes_trains_as_one(paths, rl_data, rl_one_process, tmp_path):
+    """CHORD (GRPO plus mu 0.5 x the SFT loss of expert rows, each process its own), full fine-tuning under FSDP2:
+    the same 3 steps as one process, the expert term included."""
+    extra = [str(a) for a in ["--chord_sft_dataset", paths["train"], "--chord_mu_peak", 0.5, "--chord_mu_valley",
+                              0.5, "--chord_mu_warmup_steps", 0, "--chord_mu_decay_steps", 0]]
+    rl_run("train_grpo.py", rl_argv("train_grpo.py", paths, rl_data, tmp_path, "full", 2, *extra), 2)
+    one = rl_one_process("train_grpo.py", "full", *extra)
+    assert_same_rl_run(tmp_path, one, "eval_reward")
+    assert len(losses(one, "expert/sft_loss")) == 3
+    assert losses(tmp_path, "expert/sft_loss") == pytest.approx(losses(one, "expert/sft_loss"), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_grpo_checkpoint_resumes_on_another_number_of_processes(paths, rl_data, rl_one_process, tmp_path):
+    """GRPO (LoRA): the checkpoint of step 2 written by 2 processes continues in 1, and one written by 1 continues
+    in 2, with the step 3 of the run that wrote it: the same prompts, the same completions, the same update."""
+    script = "train_grpo.py"
+    one = rl_one_process(script, "lora")
+    two = tmp_path / "two"
+    rl_run(script, rl_argv(script, paths, rl_data, two, "lora", 2), 2)
+    for world, source in ((1, two), (2, one)):
+        out = tmp_path / f"into-{world}"
+        rl_run(script, rl_argv(script, paths, rl_data, out, "lora", world, "--resume_from_checkpoint",
+                               source / "checkpoint-2"), world)
+        assert losses(out, "reward")[-1] == losses(source, "reward")[-1]
+        assert losses(out)[-1] == pytest.approx(losses(source)[-1], rel=1e-5, abs=1e-7)
+        assert losses(out, "grad_norm")[-1] == pytest.approx(losses(source, "grad_norm")[-1], rel=1e-5)
+        same_weights(out / "checkpoint-3", source / "checkpoint-3")
+
+
+@pytest.mark.slow
+def test_a_failing_grpo_process_stops_all_and_keeps_the_last_checkpoint(paths, rl_data, tmp_path):
+    """The second process's reward function fails in step 2: every process exits non-zero, soon, with that
+    process's rank and the function's error; checkpoint-1 stays whole."""
+    args = rl_argv("train_grpo.py", paths, rl_data, tmp_path, "lora", 2, "--save_steps", 1, "--reward_funcs",
+                   "fails_in_rank_1")
+    started = time.time()
+    done = torchrun(args, timeout=120, script="train_grpo.py")
+    assert done.returncode != 0 and time.time() - started < 90
+    assert "rank 1: RewardFunctionError" in done.stderr and "a bad sample" in done.stderr
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+
+
 # -------------------------------------------------------------------------------- the two-process script
 
 def check_sharded_qwen3(model_dir):
     """In each of 2 processes: the Qwen3-VL demo fully fine-tuned under FSDP2, the first process with a text-only
     batch, the second with an image (the vision tower and its DeepStack mergers run on a stand-in in the
-    first). The gradients, gathered, equal those of one unsharded model on the mean of both losses; the
-    whole_model copy gives the unsharded logits; each process then decodes a different number of tokens
+    first). The gradients, gathered, equal those of one unsharded model on the mean of both losses; a frozen
+    reference (load_reference) is sharded too; it and the whole_model copy give the unsharded logits; each process then decodes a different number of tokens
     from the copy, and a training step after it still runs in step."""
+    from torch.distributed.tensor import DTensor
+
     args = train_sft.parse_args(["--model", model_dir, "--dataset", "unused", *map(str, MODES["full"])])
     proc = training.init_process(args)
     model, processor = training.load_model(args, proc)
@@ -346,6 +513,10 @@ def check_sharded_qwen3(model_dir):
         grad = training.whole_tensor(p.grad)
         assert torch.allclose(grad, q.grad, rtol=1e-4, atol=1e-6), (name, float((grad - q.grad).abs().max()))
     assert any(n.startswith("model.visual.deepstack") for n, _ in model.named_parameters())
+    frozen = training.load_reference(model_dir, proc)  # DPO's and GRPO's reference: sharded as the model
+    assert all(isinstance(p, DTensor) and not p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():
+        assert torch.allclose(frozen(**batches[proc.rank]), reference(**batches[proc.rank]), atol=1e-5)
     with training.whole_model(model, proc) as whole, torch.no_grad():
         assert torch.allclose(whole(**batches[1]), reference(**batches[1]), atol=1e-5)
         prompt = processor([[{"role": "user", "content": "Say hello."}]], add_generation_prompt=True)

@@ -201,8 +201,8 @@ for qk_norm, ns in ((False, 3), (True, 1)):
     build(dr._attend_rows_kernel, pointers, dict(S="i32", group="i32", prompt="i32", eps="fp32", qk_scale="fp32"),
           dict(H=16, K=2, G=8, GP=16, DH=128, BS=32, PER_SPLIT=9, NS=ns, QK_NORM=qk_norm, F32=False, STAGES=3,
                SCAN=1024))
-build(dr._sample_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
-      f_ptr="*fp32", at_ptr="*i32"), dict(V="i32", NB="i32", temperature="fp32"),
+build(dr._sample_chunks_kernel, dict(logits_ptr=bf, banned_ptr="*i64", seed_ptr="*i64", row0_ptr="*i64",
+      step_ptr="*i64", f_ptr="*fp32", at_ptr="*i32"), dict(V="i32", NB="i32", temperature="fp32"),
       dict(BLOCK=4096, NBP=8, GREEDY=False))
 build(dr._sample_record_kernel, dict(f_ptr="*fp32", at_ptr="*i32", logits_ptr=bf, eos_ptr="*i64", token_ptr="*i64",
       step_ptr="*i64", done_ptr="*i1", lengths_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32"),
@@ -233,8 +233,8 @@ def rows_state(N, L, step, done):
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
 def test_sample_record(temperature, V, dtype, triton_cpu):
     """Against the sampler's sample written out in float64: the token is the first maximum of logits / temperature +
-    the sampler's Gumbel noise (greedy: of the logits) outside the banned ids, its log-prob the log-softmax there;
-    rows already done only pad; an eos ends a row."""
+    the sampler's Gumbel noise of rows first_row, ... (greedy: of the logits) outside the banned ids, its log-prob the
+    log-softmax there; rows already done only pad; an eos ends a row."""
     from minivl.sampler import gumbel_noise
 
     gen, seed_ = fresh_generator()
@@ -245,8 +245,9 @@ def test_sample_record(temperature, V, dtype, triton_cpu):
     logits[2, 11] = 1e4  # banned: never drawn
     done = torch.tensor([False, False, False, True, False])
     seed = torch.tensor(int(torch.randint(2**40, (), generator=gen)))
+    first_row = torch.tensor(int(torch.randint(1000, (), generator=gen)))  # a slice of a larger batch
     x = logits.double()
-    noise = gumbel_noise(seed, torch.tensor(step), N, V).double()
+    noise = gumbel_noise(seed, torch.tensor(step), N, V, first_row).double()
     if temperature > 0:
         x = x / temperature
     x[:, banned] = float("-inf")
@@ -254,7 +255,7 @@ def test_sample_record(temperature, V, dtype, triton_cpu):
     eos = torch.tensor([int(want[4]), 999])  # row 4 draws an eos
     want_lp = x.log_softmax(-1).gather(1, want[:, None])[:, 0]
     state = rows_state(N, L, step, done)
-    dr.sample_record(logits, temperature, banned, eos, 0, seed, **state)
+    dr.sample_record(logits, temperature, banned, eos, 0, seed, first_row, **state)
     msg = f"seed {seed_}"
     active = ~done
     assert state["tokens"][:, step].tolist() == torch.where(active, want, 0).tolist(), msg
@@ -280,10 +281,10 @@ def test_sample_record_twin_agrees(triton_cpu):
     logits, banned, eos = torch.randn(N, V, generator=gen), torch.tensor([4, 7]), torch.tensor([1])
     done = torch.zeros(N, dtype=torch.bool)
     a = rows_state(N, 3, 1, done)
-    dr.sample_record(logits, 0.8, banned, eos, 0, torch.tensor(seed_), **a)
+    dr.sample_record(logits, 0.8, banned, eos, 0, torch.tensor(seed_), torch.tensor(12), **a)
     b = rows_state(N, 3, 1, done)
-    state = SimpleNamespace(banned=banned, eos=eos, pad_id=0, seed=torch.tensor(seed_), slot=b["positions"], **{
-        k: v for k, v in b.items() if k != "positions"})
+    state = SimpleNamespace(banned=banned, eos=eos, pad_id=0, seed=torch.tensor(seed_), first_row=torch.tensor(12),
+                            slot=b["positions"], **{k: v for k, v in b.items() if k != "positions"})
     sample(state, logits, Sampling(0.8))
     assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
     assert all(torch.equal(a[k], b[k]) for k in a if k != "logprobs"), f"seed {seed_}"

@@ -386,6 +386,21 @@ def test_all_rows_finished_stops_early(pair):
     assert out.tokens.shape[1] == 1 and out.lengths.tolist() == [1, 1, 1] and not out.truncated.any()
 
 
+@pytest.mark.parametrize("decode", DECODE)
+def test_a_slice_of_a_batch_draws_its_rows_tokens(pair, decode, monkeypatch):
+    """GRPO over N processes: each samples its own prompts of the round, numbering its rows as they are numbered in
+    the whole round (first_row), and so draws the tokens one process draws for them. Without first_row it would not."""
+    family, hf, ours = pair
+    batch = {"input_ids": torch.tensor([text(7, 1), text(7, 2), text(7, 3)])}  # no padding: a slice is alike
+    kw = dict(max_new_tokens=6, temperature=1.0, num_return_sequences=2, seed=11, eos_token_id=[],
+              decode=use_decode(decode, monkeypatch))
+    whole = minivl.generate(ours, batch, **kw)
+    part = minivl.generate(ours, {"input_ids": batch["input_ids"][1:]}, first_row=2, **kw)
+    assert torch.equal(part.tokens, whole.tokens[2:]) and torch.allclose(part.logprobs, whole.logprobs[2:])
+    unnumbered = minivl.generate(ours, {"input_ids": batch["input_ids"][1:]}, **kw)
+    assert not torch.equal(unnumbered.tokens, whole.tokens[2:])
+
+
 def test_seeds_reproduce(pair):
     family, hf, ours = pair
     batch = make_batch(family)
@@ -465,6 +480,7 @@ def test_noise_is_uniform_and_seeded():
     assert torch.equal(g, sampler.gumbel_noise(torch.tensor(3), torch.tensor(4), 64, 1000))
     assert not torch.equal(g[0], g[1])  # rows draw differently
     assert not torch.equal(g, sampler.gumbel_noise(torch.tensor(3), torch.tensor(5), 64, 1000))
+    assert torch.equal(g[10:], sampler.gumbel_noise(torch.tensor(3), torch.tensor(4), 54, 1000, first_row=10))
 
 
 class FavourVisionTokens(torch.nn.Module):

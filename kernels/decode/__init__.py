@@ -173,7 +173,8 @@ def rows_step(model, sampling, parts, weights):
             state.on_logits(logits.float())
         if plain:
             sample_record(logits, sampling.temperature, state.banned, state.eos, state.pad_id, state.seed,
-                          state.token, state.step, state.done, state.lengths, state.tokens, state.logprobs, state.slot)
+                          state.first_row, state.token, state.step, state.done, state.lengths, state.tokens,
+                          state.logprobs, state.slot)
         else:
             parts.sample(state, logits, sampling)
     return step

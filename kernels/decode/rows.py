@@ -191,15 +191,15 @@ def attend(qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot, mask, sha
     return out
 
 
-def sample_record(logits, temperature, banned, eos, pad_id, seed, token, step, done, lengths, tokens, logprobs,
-                  positions):
+def sample_record(logits, temperature, banned, eos, pad_id, seed, first_row, token, step, done, lengths, tokens,
+                  logprobs, positions):
     """The sampling tail of a step of N rows (no top-k, no top-p; temperature 0: greedy) in three launches: the
     sampler's record, then the next slot. Each program of the first takes a chunk of a row's logits (N, V): it
     divides them by the temperature and leaves the chunk's maximum outside `banned` and its sum of exp(x - max), and
-    the maximum of x + Gumbel noise (the sampler's gumbel_noise: the same uniforms) and where it first occurs. Each
-    program of the second combines a few rows' chunks (the log-sum-exp, the draw) and records their tokens, as
-    one_row.greedy_record does for one row; a third moves the step and the slot on. Why: compiled by inductor this
-    tail is ~10 kernels. Triton only: its PyTorch twin is the sampler's own sampling (minivl.sampler.record)."""
+    the maximum of x + Gumbel noise (the sampler's gumbel_noise of rows first_row, ...: the same uniforms) and where
+    it first occurs. Each program of the second combines a few rows' chunks (the log-sum-exp, the draw) and records
+    their tokens, as one_row.greedy_record does for one row; a third moves the step and the slot on. Why: compiled by
+    inductor this tail is ~10 kernels. Triton only: its PyTorch twin is the sampler's own sampling (sampler.sample)."""
     if not use_triton(logits, tokens):
         raise RuntimeError("sample_record runs only as Triton kernels; the sampler's record is its PyTorch twin")
     (N, V), L = logits.shape, tokens.shape[-1]
@@ -216,7 +216,7 @@ def sample_record(logits, temperature, banned, eos, pad_id, seed, token, step, d
     chunk_at = torch.empty(N, chunks, dtype=torch.int32, device=logits.device)
     greedy, t = temperature == 0, float(temperature) or 1.0
     _sample_chunks_kernel[(N, chunks)](
-        logits, banned if banned.numel() else token, seed, step, chunk_f, chunk_at, V, banned.numel(), t,
+        logits, banned if banned.numel() else token, seed, first_row, step, chunk_f, chunk_at, V, banned.numel(), t,
         BLOCK=block, NBP=max(2, triton.next_power_of_2(banned.numel())), GREEDY=greedy, num_warps=4)
     rb = 2
     _sample_record_kernel[(triton.cdiv(N, rb),)](
@@ -292,8 +292,8 @@ if triton_available():
         return x ^ (x >> 16)
 
     @triton.jit
-    def _sample_chunks_kernel(logits_ptr, banned_ptr, seed_ptr, step_ptr, f_ptr, at_ptr, V, NB, temperature,
-                              BLOCK: tl.constexpr, NBP: tl.constexpr, GREEDY: tl.constexpr):
+    def _sample_chunks_kernel(logits_ptr, banned_ptr, seed_ptr, row0_ptr, step_ptr, f_ptr, at_ptr, V, NB,
+                              temperature, BLOCK: tl.constexpr, NBP: tl.constexpr, GREEDY: tl.constexpr):
         n, c = tl.program_id(0), tl.program_id(1)
         NC = tl.num_programs(0) * tl.num_programs(1)
         cols = c * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) token ids of this chunk
@@ -311,7 +311,7 @@ if triton_available():
         if not GREEDY:  # Gumbel noise of (seed, step, row, token): the sampler's uniforms
             seed = tl.load(seed_ptr)
             first = ((seed & 0xFFFFFFFF) ^ tl.load(step_ptr)).to(tl.uint32)
-            key = _hash32(_hash32(first) ^ n.to(tl.uint32))
+            key = _hash32(_hash32(first) ^ (tl.load(row0_ptr) + n).to(tl.uint32))  # global row
             bits = _hash32(cols.to(tl.uint32) ^ key) >> 8  # 24 random bits
             u = (bits.to(tl.float32) + 0.5) * 5.9604644775390625e-08  # * 2**-24: uniform in (0, 1)
             draw = x - tl.log(-tl.log(u))  # tl.log, as inductor's compiled tail computed it

@@ -15,17 +15,13 @@ def _import_triton_interpreted():
 
     if "triton" in sys.modules or torch.cuda.is_available():
         return
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
+    from helpers import interpreter_flag
+
+    with interpreter_flag():
+        try:
+            import triton.language  # noqa: F401
+        except ImportError:
+            pass
 
 
 _import_triton_interpreted()

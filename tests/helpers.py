@@ -4,6 +4,7 @@ The checkpoints carry the tensor names transformers writes, so loading them is t
 downloaded model. Token ids are kept small (a 256-token vocabulary) so the checkpoints build in milliseconds.
 """
 
+import contextlib
 import importlib
 import os
 import re
@@ -111,21 +112,28 @@ def mm_token_type_ids(input_ids):
     return (input_ids == IDS["image_token_id"]).int() + 2 * (input_ids == IDS["video_token_id"]).int()
 
 
-def import_interpreted(module_name, kernel_name):
-    """A kernels module whose @triton.jit functions were decorated under TRITON_INTERPRET=1 (the flag must be set
-    when the decorators run), so they run on CPU tensors; the variable is restored afterwards, and the tests that
-    launch kernels set it again through the `triton_cpu` fixture."""
+@contextlib.contextmanager
+def interpreter_flag():
+    """TRITON_INTERPRET=1 while the block runs (imports decorating @triton.jit functions then make them run on the
+    CPU), restored afterwards: the tests that launch kernels set it again through the `triton_cpu` fixture."""
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        module = importlib.import_module(module_name)
-        if type(getattr(module, kernel_name)).__name__ != "InterpretedFunction":  # imported earlier without it
-            module = importlib.reload(module)
+        yield
     finally:
         if before is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = before
+
+
+def import_interpreted(module_name, kernel_name):
+    """A kernels module whose @triton.jit functions were decorated under TRITON_INTERPRET=1 (the flag must be set
+    when the decorators run), so they run on CPU tensors."""
+    with interpreter_flag():
+        module = importlib.import_module(module_name)
+        if type(getattr(module, kernel_name)).__name__ != "InterpretedFunction":  # imported earlier without it
+            module = importlib.reload(module)
     round_bf16_to_nearest_in_the_interpreter()
     return module
 

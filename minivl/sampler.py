@@ -9,15 +9,14 @@ are the n answers to prompt b. Read top to bottom: `prefill` runs the prompts on
 positions and rope deltas from this batch, none kept on the model: transformers #43952) into a cache copied n times.
 `decode_step` feeds every row's last token at slot s through the model's own decoder layers, which write the cache at
 s and attend over the slots up to it. `sample` draws the next token with `pick`: banned ids, temperature, top-k,
-top-p, then Gumbel-max (argmax of logits + Gumbel noise, a draw from their softmax without a host sync; the noise
-hashes (seed, step, row, token): a seed gives the same tokens on every device). All state is tensors updated in
-place, so on CUDA a step is one replay of a compiled CUDA graph (`cuda_graph`), no host work. The fast paths plug in
-beside decode_step: with decode="auto", CUDA runs a kernels/decode/ backend (the step as Triton kernels, calling
-PARTS for what it does not take), which tests hold to decode_step. Rows that sampled an eos run on, padding with
-log-prob 0; vision tokens are never sampled (trl #3847). Simplified: the reference attention reads the whole static
-cache, masked (the backends read the written slots); Qwen3-VL-MoE decodes without a CUDA graph; no beam search,
-repetition penalty or stop strings. Shapes: B prompts, n answers a prompt, N = B*n rows, T0 prompt length (padding
-included), S cache slots, V vocabulary, L generated length, D model width, K key/value heads, Dh head dim."""
+top-p, then Gumbel-max (argmax of logits + Gumbel noise: a draw from their softmax without a host sync; the noise
+hashes (seed, step, row, token), the same on every device). All state is tensors updated in place, so on CUDA a
+step is one replay of a compiled CUDA graph (`cuda_graph`). With decode="auto", CUDA runs a kernels/decode/ backend
+beside decode_step (the step as Triton kernels, calling PARTS for the rest), which tests hold to decode_step. Rows
+that sampled an eos run on, padding with log-prob 0; vision tokens are never sampled (trl #3847). Simplified: the
+reference attention reads the whole static cache, masked; Qwen3-VL-MoE decodes without a CUDA graph; no beam
+search, repetition penalty or stop strings. Shapes: B prompts, n answers a prompt, N = B*n rows, T0 prompt length
+(padding included), S cache slots, V vocabulary, L generated length, D width, K key/value heads, Dh head dim."""
 
 import dataclasses
 import functools
@@ -136,8 +135,7 @@ def head(model, x):
 
 
 def decode_step(model, state, sampling, parts=None):
-    """Feed every row's last token at slot state.slot and sample the next one, in place: TextModel.forward for one
-    text token per row. parts: PARTS (the default) or compiled_parts()."""
+    """Feed every row's last token at state.slot, sample the next, in place. parts: PARTS or compiled_parts()."""
     text, parts = model.model.language_model, parts or PARTS
     x, cos, sin, mask = parts.inputs(text, state)
     for layer, cache in zip(text.layers, state.cache):
@@ -181,8 +179,11 @@ def support_logits(logits, sampling, banned):
     if sampling.top_p < 1.0:
         # keep the most likely tokens until their mass reaches top_p (transformers' TopPLogitsWarper)
         sorted_x, order = x.sort(dim=-1, descending=True)  # (N, V)
-        probs = sorted_x.softmax(dim=-1)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= sampling.top_p  # the mass before it already reaches top_p
+        probs, (N, V) = sorted_x.softmax(dim=-1), x.shape
+        # cumsum as sums within blocks plus the blocks before: inductor fails to compile its split scan of one row
+        within = F.pad(probs, (0, -V % 1024)).view(N, -1, 1024).cumsum(-1)  # (N, C, 1024), as argmax_rows
+        cumsum = (within + (within[..., -1].cumsum(-1) - within[..., -1])[..., None]).flatten(1)[:, :V]  # (N, V)
+        drop_sorted = cumsum - probs >= sampling.top_p  # the mass before it already reaches top_p
         x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
     return x
 
@@ -279,8 +280,7 @@ def generate(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, 
     state = prefill(model, batch, num_return_sequences, max_new_tokens, sampling, eos, pad_id, seed, None, first_row)
     # Qwen3-VL-MoE routes with data-dependent shapes, which a CUDA graph cannot hold: it decodes eagerly, as the CPU
     graphed = state.token.device.type == "cuda" and model.cfg.text.num_experts == 0
-    check_every = check_every or (16 if graphed else 1)
-    step = None
+    check_every, step = check_every or (16 if graphed else 1), None
     for i in range(1, max_new_tokens):
         if i % check_every == 0:
             if stream:

@@ -439,6 +439,32 @@ def test_positions_are_recomputed_every_call(pair):
     assert torch.equal(after.tokens, hf_generate(hf, text_only, 6))
 
 
+@pytest.mark.parametrize("V", [3000, 151936])
+def test_top_p_over_many_blocks(V):
+    """The sampler sums the sorted mass in blocks of 1024 tokens. Against the rule in float64 (a token goes when the
+    mass before it reaches top_p) and transformers' top-k then top-p warpers: the same support, up to tokens whose
+    mass before lies within float32 rounding (1e-5) of top_p; rows whose boundary lies past the first block."""
+    tf = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(4, V, generator=g) * torch.tensor([[0.5], [2.0], [4.0], [0.1]])
+    banned = torch.tensor([0, 1])
+    for top_k, top_p in [(0, 0.9), (0, 0.3), (2000, 0.95), (50, 0.9)]:
+        ours = sampler.support_logits(logits, sampler.Sampling(1.0, top_k, top_p), banned).isinf()
+        x = logits.double().index_fill(1, banned, float("-inf"))
+        if top_k:
+            x = tf.TopKLogitsWarper(top_k)(None, x)
+        hf = tf.TopPLogitsWarper(top_p)(None, x.float()).isinf()
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        p = sorted_x.softmax(-1)
+        before = torch.zeros_like(p).scatter(1, order, p.cumsum(-1) - p)  # (4, V) float64, in vocabulary order
+        exact = before >= top_p
+        near = (before - top_p).abs() < 1e-5
+        assert not ((ours != exact) & ~near).any() and not ((hf != exact) & ~near).any(), (top_k, top_p)
+        assert (ours != exact).sum() <= 2
+        if top_p == 0.9 and top_k == 0:
+            assert (~exact).sum(1).max() > 1024  # the kept tokens span several blocks
+
+
 def test_sampling_follows_the_support_distribution():
     # 20,000 draws from one row: frequencies match the renormalised support, nothing outside it is drawn
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, 9.0, 8.0]])  # ids 6 and 7 are banned below

@@ -96,8 +96,7 @@ class LoRALinear(nn.Module):
         `merge` writes it back; the sampler's decode backends read it for a call (kernels/decode/)."""
         if self.disabled:
             return self.weight
-        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()  # (out, r) @ (r, in)
-        return (self.weight.float() + self.scale * delta.to(self.weight.device)).to(self.weight.dtype)
+        return fold(self.weight, self.lora_A.weight, self.lora_B.weight, self.scale)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
@@ -199,6 +198,12 @@ def disabled(model):
 
 
 @torch.no_grad()
+def fold(weight, lora_a, lora_b, scale):
+    """W + scale B A in W's dtype, computed in float32: weight (out, in), lora_a (r, in), lora_b (out, r)."""
+    delta = lora_b.float() @ lora_a.float()  # (out, in)
+    return (weight.float() + scale * delta.to(weight.device)).to(weight.dtype)
+
+
 def merge(model):
     """Fold every adapter into its base weight (W += scale B A, computed in float32) and put the plain
     nn.Linear back. The model afterwards has exactly the official tensors."""

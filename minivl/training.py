@@ -673,8 +673,7 @@ def whole_model(model, proc):
     state = {name: whole_tensor(t).detach().to(proc.dtype) for name, t in model.state_dict().items()}
     for name, layer in lora.lora_layers(model):  # W + scale B A, as lora.merge computes it
         a, b = state.pop(f"{name}.lora_A.weight"), state.pop(f"{name}.lora_B.weight")
-        weight = state[f"{name}.weight"]
-        state[f"{name}.weight"] = (weight.float() + layer.scale * (b.float() @ a.float())).to(weight.dtype)
+        state[f"{name}.weight"] = lora.fold(state[f"{name}.weight"], a, b, layer.scale)
     with torch.device("meta"):
         whole = VLModel(model.cfg, init=False)
     whole.load_state_dict(state, assign=True)

@@ -245,8 +245,14 @@ def search(o):
         try:
             output, _ = child.communicate(timeout=o.run_timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            output = child.communicate()[0] + f"\nno result after {o.run_timeout} s"
+            # torchrun's workers run in sessions of their own: a SIGTERM makes torchrun end them before it exits
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                output = child.communicate(timeout=60)[0]
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                output = child.communicate()[0]
+            output += f"\nno result after {o.run_timeout} s"
         print(output, end="", flush=True)
         if child.returncode != 0:
             why = "out of memory" if "OutOfMemoryError" in output or "out of memory" in output else \

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,7 @@ def test_the_search_records_a_run_that_fails_and_stops(tmp_path):
                            "--run_timeout", "1", "--tiny", "--out", str(out)], env=ENV, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    time.sleep(10)  # a worker left running (torchrun's run in sessions of their own) would write its line by now
     [line] = [json.loads(x) for x in out.read_text().splitlines()]
     assert (line["seq"], line["fits"], line["gpus"]) == (64, False, 1)
     assert line["error"] == "no result after 1 s"

@@ -20,7 +20,7 @@ the GPU synchronised around it:
   fwd+bwd     the policy's log-probs as above, train_grpo.grpo_loss (the same function for both), backward, for
               each micro-batch; then the optimizer step
 minivl runs one warm-up step first (torch.compile, autotuning); transformers' step is timed once (its generate
-alone takes about a minute). Peak memory: torch.cuda.max_memory_allocated over each step, weights included.
+alone takes about a minute). Peak memory: torch.cuda.max_memory_allocated over each phase, weights included.
 
 --mode max_length: minivl alone, random bf16 weights of Qwen2.5-VL-7B (the 3B config at the 7B widths of the
 published config.json) or Qwen3-VL-8B, LoRA r 8, 8 prompts x 8 completions of L tokens, micro-batches of
@@ -83,22 +83,23 @@ PAD = SimpleNamespace(pad=functools.partial(Processor.pad, SimpleNamespace(pad_t
 
 
 def timed(fn, device):
+    """(fn's result, seconds, peak bytes allocated while it ran: 0 off CUDA)."""
     sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() if device == "cuda" else 0
 
 
 def grpo_step(model, cfg, batch, args, device, rollout, logprobs, disabled, optimizer, micro_batches=None,
               sync=lambda last: contextlib.nullcontext()):
     """One GRPO step with the given rollout and log-prob functions (disabled(model): the reference) -> ({phase:
-    seconds}, peak bytes, loss). sync(last) is entered around each micro-batch's forward and backward (several
+    seconds}, {phase: peak bytes}, loss). sync(last) is entered around each micro-batch's forward and backward (several
     processes: training.grad_sync, which all-reduces the gradients in the last one's backward only)."""
     G, N = args.generations, args.prompts * args.generations
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    gen, t_rollout = timed(lambda: rollout(batch), device)
+    gen, t_rollout, m_rollout = timed(lambda: rollout(batch), device)
     prompts = prompts_of(cfg, batch)
     advantages = group_advantages(torch.rand(N, generator=torch.Generator().manual_seed(0)), G, "group")
     mask_all = torch.arange(gen.tokens.shape[1]) < gen.lengths[:, None]
@@ -113,7 +114,7 @@ def grpo_step(model, cfg, batch, args, device, rollout, logprobs, disabled, opti
     def reference():
         with torch.no_grad(), autocast, disabled(model):
             return [logprobs(*x) for x in inputs]
-    ref, t_ref = timed(reference, device)
+    ref, t_ref, m_ref = timed(reference, device)
 
     def train():
         total = 0.0
@@ -128,9 +129,9 @@ def grpo_step(model, cfg, batch, args, device, rollout, logprobs, disabled, opti
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
-    loss, t_train = timed(train, device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    return {"rollout": t_rollout, "log-probs": t_ref, "fwd+bwd": t_train}, peak, loss
+    loss, t_train, m_train = timed(train, device)
+    return ({"rollout": t_rollout, "log-probs": t_ref, "fwd+bwd": t_train},
+            {"rollout": m_rollout, "log-probs": m_ref, "fwd+bwd": m_train}, loss)
 
 
 def minivl_functions(model, args):
@@ -193,9 +194,11 @@ def bench_step(args, device):
     cfg, hf, ours = shared_models(config("qwen2_5_vl_3b", args.smoke), device,
                                   torch.bfloat16 if device == "cuda" else torch.float32)
     for p in hf.parameters():
-        p.requires_grad_(False)  # shared with minivl: both bases frozen
+        p.requires_grad_(False)
+    ours.requires_grad_(False)  # its parameters share hf's storage but are objects of their own: frozen apart
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=LLM_TARGETS))
-    lora.inject(ours, lora.select_linear(ours, ("llm",)), r=8, alpha=32)
+    adapted = lora.select_linear(ours, ("llm",))
+    lora.inject(ours, adapted, r=8, alpha=32)
     theirs = dict(hf.named_parameters())
     with torch.no_grad():
         for name, layer in lora.lora_layers(ours):
@@ -206,14 +209,18 @@ def bench_step(args, device):
     hf.enable_input_require_grads()
     batch = make_batch(cfg, args.prompts, device, torch.bfloat16 if device == "cuda" else torch.float32)
     rows = {}
-    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
+    trained = [p for p in ours.parameters() if p.requires_grad]
+    assert len(trained) == 2 * len(adapted), "minivl trains more than its adapters"
+    opt = torch.optim.AdamW(trained, lr=1e-5)
     ours.train()
     grpo_step(ours, cfg, batch, args, device, *minivl_functions(ours, args), opt)  # warm-up: compiles
     rows["minivl"] = grpo_step(ours, cfg, batch, args, device, *minivl_functions(ours, args), opt)
     gc.collect()
     torch.cuda.empty_cache() if device == "cuda" else None
     hf.train()
-    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
+    trained = [p for p in hf.parameters() if p.requires_grad]
+    assert len(trained) == 2 * len(adapted), "transformers trains more than its adapters"
+    opt = torch.optim.AdamW(trained, lr=1e-5)
     rows["transformers"] = grpo_step(hf, cfg, batch, args, device, *hf_functions(hf, cfg, args), opt)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"# {name}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
@@ -221,15 +228,16 @@ def bench_step(args, device):
           f"{args.prompts} prompts x {args.generations} completions x {args.tokens} tokens, temperature "
           f"{args.temperature} top-k {args.top_k} top-p {args.top_p}, beta {args.beta}, micro-batches of "
           f"{args.micro_batch}")
-    (ours_t, ours_peak, _), (hf_t, hf_peak, _) = rows["minivl"], rows["transformers"]
-    print("| phase | minivl s | transformers s | speed-up |")
-    print("|---|---|---|---|")
+    (ours_t, ours_m, _), (hf_t, hf_m, _) = rows["minivl"], rows["transformers"]
+    print("| phase | minivl s | transformers s | speed-up | minivl peak GiB | transformers peak GiB |")
+    print("|---|---|---|---|---|---|")
     for phase in ours_t:
-        print(f"| {phase} | {ours_t[phase]:.2f} | {hf_t[phase]:.2f} | {hf_t[phase] / ours_t[phase]:.1f}x |")
+        print(f"| {phase} | {ours_t[phase]:.2f} | {hf_t[phase]:.2f} | {hf_t[phase] / ours_t[phase]:.1f}x | "
+              f"{ours_m[phase] / GiB:.1f} | {hf_m[phase] / GiB:.1f} |")
     total, hf_total = sum(ours_t.values()), sum(hf_t.values())
-    print(f"| whole step | {total:.2f} | {hf_total:.2f} | {hf_total / total:.1f}x |")
-    print(f"| peak memory GiB | {ours_peak / GiB:.1f} | {hf_peak / GiB:.1f} | "
-          f"{ours_peak / max(hf_peak, 1):.2f}x |")
+    ours_peak, hf_peak = max(ours_m.values()), max(hf_m.values())
+    print(f"| whole step | {total:.2f} | {hf_total:.2f} | {hf_total / total:.1f}x | {ours_peak / GiB:.1f} | "
+          f"{hf_peak / GiB:.1f} |")
 
 
 def bench_max_length(args, device):
@@ -265,8 +273,9 @@ def bench_max_length(args, device):
                 tokens = torch.randint(1000, 100000 if not args.smoke else cfg.text.vocab_size - 100,
                                        (args.prompts * args.generations, length), generator=g)
                 return SimpleNamespace(tokens=tokens, lengths=torch.full((len(tokens),), length))
-            _, train_peak, _ = grpo_step(model, cfg, batch, args, device, full_length, logprobs, disabled, opt,
-                                         micro_batches=1)
+            _, peaks, _ = grpo_step(model, cfg, batch, args, device, full_length, logprobs, disabled, opt,
+                                    micro_batches=1)
+            train_peak = max(peaks["log-probs"], peaks["fwd+bwd"])
             fits = length
             verdict = "yes"
         except torch.OutOfMemoryError:

@@ -177,7 +177,8 @@ def run_grpo(proc, shape, o):
                          optimizer, sync=lambda last: training.grad_sync(module, sync and last))
     for _ in range(min(o.warmup, 1)):
         step(sampled, True)  # compiles the decode step, autotunes
-    phases, peak, _ = step(sampled, True)
+    phases, peaks, _ = step(sampled, True)
+    peak = max(peaks.values())
     names = list(phases)
     *times, peak = slowest(proc, *phases.values(), peak)
     phases = dict(zip(names, times))

@@ -213,8 +213,8 @@ def make_reference(args, model, modules_to_save, proc):
         return None
     if args.train_type == "full":
         frozen = training.load_reference(args.ref_model or args.model, proc)  # FSDP2: sharded as the model is
-        frozen = AnswerLogprobs(frozen, proc.dtype)
-        return lambda batch: frozen(**batch)[0]
+        logprobs = training.reference_call(AnswerLogprobs(frozen, proc.dtype), frozen, proc)
+        return lambda batch: logprobs(**batch)[0]
     if modules_to_save and not args.precompute_ref_log_probs:
         raise SystemExit(f"the reference of a LoRA run is the model with its adapters off, but {modules_to_save} "
                          "train in full and minivl keeps no original copy of them: add --precompute_ref_log_probs "

@@ -269,7 +269,8 @@ def main(argv=None):
     reference = None
     if args.beta and args.train_type == "full":  # LoRA's reference is the model with its adapters off
         frozen = training.load_reference(args.ref_model or args.model, proc)  # FSDP2: sharded as the model is
-        reference = rollouts.CompletionLogprobs(frozen, args.temperature, proc.dtype)
+        reference = training.reference_call(rollouts.CompletionLogprobs(frozen, args.temperature, proc.dtype),
+                                            frozen, proc)
     funcs = rewards.load_reward_funcs(args.reward_funcs, args.external_plugins, args.reward_weights, args,
                                       args.seed)
 

@@ -820,6 +820,20 @@ def load_reference(path, proc):
     return shard(frozen, proc) if proc.fsdp else frozen
 
 
+def reference_call(module, frozen, proc):
+    """module (a log-prob wrapper of the reference `frozen`) as a function that, under FSDP2, reshards the root
+    after each call: FSDP2 reshards a root after its backward, and a reference has none, so its embeddings and
+    lm_head (about 2.5 GB at 8B) would stay whole on every process from the first call on."""
+    if not proc.fsdp:
+        return module
+
+    def call(*args, **kwargs):
+        out = module(*args, **kwargs)
+        frozen.reshard()
+        return out
+    return call
+
+
 def make_trainable(model, args, proc):
     """What trains, ms-swift's way: --train_type full unfreezes the parts not frozen (--freeze_llm/vit/aligner);
     lora puts adapters on their linear layers (--target_modules / --target_regex); lora_llm puts them on the

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import train_sft  # noqa: E402
 
 import minivl  # noqa: E402
-from minivl import demo, training  # noqa: E402
+from minivl import demo, rollouts, training  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MINIVL_KERNELS": "reference",
        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -489,7 +489,9 @@ def check_sharded_qwen3(model_dir):
     """In each of 2 processes: the Qwen3-VL demo fully fine-tuned under FSDP2, the first process with a text-only
     batch, the second with an image (the vision tower and its DeepStack mergers run on a stand-in in the
     first). The gradients, gathered, equal those of one unsharded model on the mean of both losses; a frozen
-    reference (load_reference) is sharded too; it and the whole_model copy give the unsharded logits; each process then decodes a different number of tokens
+    reference (load_reference) is sharded too, and sharded again after the trainers' log-prob call
+    (reference_call); it and the whole_model copy give the unsharded logits; each process then decodes a different
+    number of tokens
     from the copy, and a training step after it still runs in step."""
     from torch.distributed.tensor import DTensor
 
@@ -517,6 +519,13 @@ def check_sharded_qwen3(model_dir):
     assert all(isinstance(p, DTensor) and not p.requires_grad for p in frozen.parameters())
     with torch.no_grad():
         assert torch.allclose(frozen(**batches[proc.rank]), reference(**batches[proc.rank]), atol=1e-5)
+        batch = batches[proc.rank]
+        starts, targets = torch.tensor([batch["input_ids"].shape[1] - 3]), batch["input_ids"][:, -3:]
+        sharded = training.reference_call(rollouts.CompletionLogprobs(frozen, 0.7), frozen, proc)
+        whole = rollouts.CompletionLogprobs(reference, 0.7)
+        assert torch.allclose(sharded(batch, starts, targets)[0], whole(batch, starts, targets)[0], atol=1e-5)
+    # the trainers' forward (hidden_states, then lm_head's weight) leaves FSDP2's root gathered: resharded after
+    assert all(isinstance(p, DTensor) for p in frozen.parameters())
     with training.whole_model(model, proc) as whole, torch.no_grad():
         assert torch.allclose(whole(**batches[1]), reference(**batches[1]), atol=1e-5)
         prompt = processor([[{"role": "user", "content": "Say hello."}]], add_generation_prompt=True)

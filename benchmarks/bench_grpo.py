@@ -96,8 +96,8 @@ def timed(fn, device):
 def grpo_step(model, cfg, batch, args, device, rollout, logprobs, disabled, optimizer, micro_batches=None,
               sync=lambda last: contextlib.nullcontext()):
     """One GRPO step with the given rollout and log-prob functions (disabled(model): the reference) -> ({phase:
-    seconds}, {phase: peak bytes}, loss). sync(last) is entered around each micro-batch's forward and backward (several
-    processes: training.grad_sync, which all-reduces the gradients in the last one's backward only)."""
+    seconds}, {phase: peak bytes}, loss). sync(last) is entered around each micro-batch's forward and backward
+    (several processes: training.grad_sync, which all-reduces the gradients in the last one's backward only)."""
     G, N = args.generations, args.prompts * args.generations
     gen, t_rollout, m_rollout = timed(lambda: rollout(batch), device)
     prompts = prompts_of(cfg, batch)
@@ -193,9 +193,6 @@ def bench_step(args, device):
 
     cfg, hf, ours = shared_models(config("qwen2_5_vl_3b", args.smoke), device,
                                   torch.bfloat16 if device == "cuda" else torch.float32)
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    ours.requires_grad_(False)  # its parameters share hf's storage but are objects of their own: frozen apart
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=LLM_TARGETS))
     adapted = lora.select_linear(ours, ("llm",))
     lora.inject(ours, adapted, r=8, alpha=32)

@@ -38,9 +38,6 @@ LLM_TARGETS = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|
 def build(layers, device, dtype):
     cfg, hf, ours = shared_models(published_config("qwen2_5_vl_3b", layers), device, dtype)
     hf.train()
-    ours.requires_grad_(False)
-    for p in hf.parameters():
-        p.requires_grad_(False)  # shared with `ours`: both bases frozen
     return cfg, hf, ours.train()
 
 

@@ -28,9 +28,10 @@ def published_config(name, layers=0):
 
 
 def shared_models(raw, device, dtype=torch.bfloat16):
-    """(minivl Config, transformers model, minivl model) on the same tensors: transformers creates random weights
-    on the device; minivl is built on the meta device and assigned them (its module names are transformers'
-    in-memory names), so there is no copy."""
+    """(minivl Config, transformers model, minivl model) on the same tensors, both frozen: transformers creates
+    random weights on the device; minivl is built on the meta device and assigned them (its module names are
+    transformers' in-memory names), so there is no copy. The parameter objects are each model's own, so freezing
+    one would leave the other trainable: both are frozen here."""
     import transformers as tf
 
     from minivl.config import Config
@@ -46,7 +47,7 @@ def shared_models(raw, device, dtype=torch.bfloat16):
         ours = VLModel(cfg, init=False)
     ours.load_state_dict(hf.state_dict(), strict=True, assign=True)
     ours.tie_weights()
-    return cfg, hf, ours.eval()
+    return cfg, hf.requires_grad_(False), ours.requires_grad_(False).eval()
 
 
 def median_ms(fn, device, repeats, warmup=0):

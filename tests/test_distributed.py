@@ -491,8 +491,7 @@ def check_sharded_qwen3(model_dir):
     first). The gradients, gathered, equal those of one unsharded model on the mean of both losses; a frozen
     reference (load_reference) is sharded too, and sharded again after the trainers' log-prob call
     (reference_call); it and the whole_model copy give the unsharded logits; each process then decodes a different
-    number of tokens
-    from the copy, and a training step after it still runs in step."""
+    number of tokens from the copy, and a training step after it still runs in step."""
     from torch.distributed.tensor import DTensor
 
     args = train_sft.parse_args(["--model", model_dir, "--dataset", "unused", *map(str, MODES["full"])])

@@ -24,10 +24,11 @@ Measured: each step's time after --warmup steps, the median of --repeats (GRPO: 
 which compiles the sampler's decode step), on each process; the slowest process's is reported. Tokens per GPU:
 every token of the step's sequences on one GPU (GRPO: prompts and completions, as train_grpo.py counts them).
 Peak memory: torch.cuda.max_memory_allocated over the timed steps, the largest of the processes; each process's
-memory is capped at --max_memory_gib, so that cards with more memory give the same limits. Exposed communication (DDP runs): the step's time minus the time of the same step with every micro-batch
-under DDP's no_sync (no gradient all-reduce): the all-reduce time that the backward does not hide, plus the waits
-for the slowest process. For GRPO it is taken from the forward+backward phase; the phases are timed with the GPU
-synchronised around each. Full SFT (FSDP2) gathers weights in every forward and has no such switch: not measured.
+memory is capped at --max_memory_gib, so that cards with more memory give the same limits. Exposed communication
+(DDP runs): the step's time minus the time of the same step with every micro-batch under DDP's no_sync (no gradient
+all-reduce): the all-reduce time that the backward does not hide, plus the waits for the slowest process. For GRPO
+it is taken from the forward+backward phase; the phases are timed with the GPU synchronised around each. Full SFT
+(FSDP2) gathers weights in every forward and has no such switch: not measured.
 The longest sequence of full SFT: `search` runs sft-full in a fresh torchrun for each of --lengths in increasing
 order until one fails (out of memory: a process that runs out stops the others, where an attempt inside one
 process could leave the others waiting in a collective).

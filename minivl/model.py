@@ -10,10 +10,10 @@ them (checkpoint.py reads checkpoints with it) and module_to_file_name back (sav
 
 `model(**batch)` returns logits. `model.hidden_states(**batch)` returns the final normed hidden states, for the
 trainers, which feed them with `model.lm_head.weight` to the fused log-prob kernel instead of materialising
-(B, T, V) logits. `image_index` / `video_index` place an item in several rows while the vision tower encodes it
-once (a preference pair's chosen and rejected answers share their image). Both take `trace=fn`: fn(stage_name, tensor) is called at every stage (patch embed, each vision
-block, merger, DeepStack features, embeddings, position ids, each decoder layer, final norm), which is how
-`minivl.parity` and `--trace` watch a forward without editing the model.
+(B, T, V) logits. `image_index` / `video_index` place an item in several rows while the vision tower encodes it once
+(a preference pair's chosen and rejected answers share their image). Both take `trace=fn`: fn(stage_name, tensor) is
+called at every stage (patch embed, each vision block, merger, DeepStack features, embeddings, position ids, each
+decoder layer, final norm), which is how `minivl.parity` and `--trace` watch a forward without editing the model.
 
 Shapes: B batch, T tokens, D LLM width, V vocabulary, M merged vision tokens.
 """

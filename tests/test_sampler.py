@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import minivl
-from helpers import IDS, import_interpreted, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text, vision_block
+from helpers import (IDS, import_interpreted, left_pad, mm_token_type_ids, pixels, qwen3_video_tokens, save_hf, text,
+                     vision_block)
 from minivl import sampler
 
 import_interpreted("kernels.decode.attention", "_split_kernel")  # before anything imports triton (helpers.py)
